@@ -1,0 +1,870 @@
+//! Configuration: one TOML file, validated as a whole.
+//!
+//! Parsing is serde's; what this module adds is that *every* problem is reported at once, each with
+//! its key path and reason. Unknown keys are collected with `serde_ignored`; a key whose value has
+//! the wrong type is located with `serde_path_to_error`, recorded, removed and the section parsed
+//! again, so one bad value does not hide the next. Semantic checks (duplicates, pool sizes, paths)
+//! run on whatever parsed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `models[1].memory_mb`.
+    pub key: String,
+    pub reason: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{}: {} problem{}",
+            self.path.display(),
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.key.is_empty() {
+                write!(f, "{}: {}", self.path.display(), p.reason)?;
+            } else {
+                write!(f, "{}: {}: {}", self.path.display(), p.key, p.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which program serves a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeKind {
+    LlamaCpp,
+    Vllm,
+    Command,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::LlamaCpp => "llama-cpp",
+            RuntimeKind::Vllm => "vllm",
+            RuntimeKind::Command => "command",
+        }
+    }
+}
+
+/// How long an idle model stays loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepWarm {
+    For(Duration),
+    Forever,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub api_keys: Vec<String>,
+    pub max_body_bytes: usize,
+    pub runtime_ports: RangeInclusive<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourcesConfig {
+    pub host_memory_mb: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub max: usize,
+    pub timeout: Duration,
+}
+
+/// A model entry, validated and with paths resolved.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub id: String,
+    pub aliases: Vec<String>,
+    pub runtime: RuntimeKind,
+    /// The program to run (resolved from `[runtimes]` or `command[0]`).
+    pub program: PathBuf,
+    pub model_path: Option<PathBuf>,
+    /// `command` runtime: argv after the program, with placeholders.
+    pub command_args: Vec<String>,
+    pub health_path: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub memory_mb: u64,
+    pub context_length: u32,
+    pub max_concurrency: u32,
+    pub keep_warm: KeepWarm,
+    pub min_residency: Duration,
+    pub start_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub queue: QueueConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub resources: ResourcesConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+impl Config {
+    /// Reads and validates `path`; every problem is in the error.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: String::new(),
+                reason: format!("cannot read file: {e}"),
+            }],
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, path, &base)
+    }
+
+    /// Validates `text`; relative paths are resolved against `base`.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let cfg = parse_inner(text, base, &mut problems);
+        match cfg {
+            Some(cfg) if problems.is_empty() => Ok(Config {
+                source: path.to_path_buf(),
+                ..cfg
+            }),
+            _ => Err(ConfigError {
+                path: path.to_path_buf(),
+                problems,
+            }),
+        }
+    }
+
+    pub fn model(&self, id: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.id == id)
+    }
+}
+
+// ---- raw (as written) ----
+
+#[derive(Deserialize, Default)]
+struct RawServer {
+    listen: Option<String>,
+    api_keys: Option<Vec<String>>,
+    max_body_bytes: Option<u64>,
+    runtime_ports: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawResources {
+    host_memory_mb: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawRuntimes {
+    llama_server: Option<String>,
+    vllm: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawQueue {
+    max: Option<u64>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawModel {
+    id: Option<String>,
+    aliases: Option<Vec<String>>,
+    runtime: Option<RuntimeKind>,
+    model_path: Option<String>,
+    command: Option<Vec<String>>,
+    health_path: Option<String>,
+    args: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    memory_mb: Option<u64>,
+    context_length: Option<u32>,
+    max_concurrency: Option<u32>,
+    keep_warm: Option<String>,
+    min_residency: Option<String>,
+    start_timeout: Option<String>,
+    stop_timeout: Option<String>,
+    queue: Option<RawQueue>,
+}
+
+const TOP_KEYS: &[&str] = &["server", "resources", "runtimes", "models"];
+
+fn problem(problems: &mut Vec<Problem>, key: impl Into<String>, reason: impl Into<String>) {
+    problems.push(Problem {
+        key: key.into(),
+        reason: reason.into(),
+    });
+}
+
+/// Deserializes `value` into `T`, recording unknown keys and type errors under `prefix`. A key with
+/// a bad value is removed and parsing retried, so all bad values are reported.
+fn section<T: DeserializeOwned + Default>(
+    mut value: toml::Value,
+    prefix: &str,
+    problems: &mut Vec<Problem>,
+) -> T {
+    let join = |p: &str| {
+        if prefix.is_empty() {
+            p.to_string()
+        } else if p.is_empty() || p == "?" {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{p}")
+        }
+    };
+    if !value.is_table() {
+        problem(
+            problems,
+            prefix,
+            format!("expected a table, found {}", value.type_str()),
+        );
+        return T::default();
+    }
+    for _ in 0..64 {
+        let mut unknown = Vec::new();
+        let mut track = serde_path_to_error::Track::new();
+        let result = {
+            let de = serde_path_to_error::Deserializer::new(value.clone(), &mut track);
+            serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+        };
+        match result {
+            Ok(v) => {
+                for u in unknown {
+                    problem(problems, join(&u), "unknown key");
+                }
+                return v;
+            }
+            Err(e) => {
+                let path = track.path();
+                let key = path.to_string();
+                problem(problems, join(&key), clean_serde_message(&e.to_string()));
+                if !remove_path(&mut value, &path) {
+                    return T::default();
+                }
+            }
+        }
+    }
+    T::default()
+}
+
+fn clean_serde_message(m: &str) -> String {
+    // toml's messages can span several lines with a caret diagram; keep the first meaningful line.
+    m.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or(m)
+        .to_string()
+}
+
+/// Removes the value at `path` (a path into `value`); false when nothing could be removed.
+fn remove_path(value: &mut toml::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segs: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segs.split_last() else {
+        return false;
+    };
+    let mut cur = value;
+    for seg in parents {
+        let next = match seg {
+            Segment::Map { key } => cur.get_mut(key.as_str()),
+            Segment::Seq { index } => cur.get_mut(*index),
+            _ => None,
+        };
+        match next {
+            Some(n) => cur = n,
+            None => return false,
+        }
+    }
+    match last {
+        Segment::Map { key } => cur
+            .as_table_mut()
+            .map(|t| t.remove(key.as_str()).is_some())
+            .unwrap_or(false),
+        Segment::Seq { index } => match cur.as_array_mut() {
+            Some(a) if *index < a.len() => {
+                a.remove(*index);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn duration(
+    v: &Option<String>,
+    default: Duration,
+    key: String,
+    problems: &mut Vec<Problem>,
+) -> Duration {
+    match v {
+        None => default,
+        Some(s) => match humantime::parse_duration(s.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                problem(
+                    problems,
+                    key,
+                    format!("invalid duration {s:?}: {e} (use e.g. \"250ms\", \"30s\", \"5m\")"),
+                );
+                default
+            }
+        },
+    }
+}
+
+fn port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("invalid port range {s:?}: expected \"FIRST-LAST\""))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid port range {s:?}: {e}"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid port range {s:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("invalid port range {s:?}: need 0 < FIRST <= LAST"));
+    }
+    Ok(a..=b)
+}
+
+/// Resolves a program: with a `/` relative to `base`, else looked up on PATH.
+fn resolve_program(p: &str, base: &Path) -> Result<PathBuf, String> {
+    if p.contains('/') {
+        let path = base.join(p);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("program {} does not exist", path.display()))
+        }
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join(p))
+            .find(|c| c.is_file())
+            .ok_or_else(|| format!("program {p:?} not found on PATH"))
+    }
+}
+
+fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<Config> {
+    let root: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            let mut reason = e.message().to_string();
+            if let Some(span) = e.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                reason = format!("line {line}: {reason}");
+            }
+            problem(problems, "", format!("invalid TOML: {reason}"));
+            return None;
+        }
+    };
+    for key in root.keys() {
+        if !TOP_KEYS.contains(&key.as_str()) {
+            problem(problems, key.clone(), "unknown key");
+        }
+    }
+    let get = |k: &str| {
+        root.get(k)
+            .cloned()
+            .unwrap_or_else(|| toml::Value::Table(Default::default()))
+    };
+    let raw_server: RawServer = section(get("server"), "server", problems);
+    let raw_res: RawResources = section(get("resources"), "resources", problems);
+    let raw_rt: RawRuntimes = section(get("runtimes"), "runtimes", problems);
+
+    let listen = match raw_server
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:8000")
+        .parse()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            problem(problems, "server.listen", format!("invalid address: {e}"));
+            SocketAddr::from(([127, 0, 0, 1], 8000))
+        }
+    };
+    let api_keys = raw_server.api_keys.unwrap_or_default();
+    for (i, k) in api_keys.iter().enumerate() {
+        if k.trim().is_empty() {
+            problem(
+                problems,
+                format!("server.api_keys[{i}]"),
+                "an API key must not be empty",
+            );
+        }
+    }
+    let max_body_bytes = raw_server.max_body_bytes.unwrap_or(16 * 1024 * 1024);
+    if max_body_bytes < 1024 {
+        problem(problems, "server.max_body_bytes", "must be at least 1024");
+    }
+    let runtime_ports =
+        match port_range(raw_server.runtime_ports.as_deref().unwrap_or("41000-41999")) {
+            Ok(r) => r,
+            Err(e) => {
+                problem(problems, "server.runtime_ports", e);
+                41000..=41999
+            }
+        };
+    if runtime_ports.contains(&listen.port()) {
+        problem(
+            problems,
+            "server.runtime_ports",
+            format!("contains the listen port {}", listen.port()),
+        );
+    }
+    let host_memory_mb = match raw_res.host_memory_mb {
+        Some(0) => {
+            problem(
+                problems,
+                "resources.host_memory_mb",
+                "must be greater than 0",
+            );
+            0
+        }
+        Some(v) => v,
+        None => {
+            problem(
+                problems,
+                "resources.host_memory_mb",
+                "missing: the host-RAM pool size in MB",
+            );
+            0
+        }
+    };
+
+    let raw_models: Vec<(usize, RawModel)> = match root.get("models") {
+        None => {
+            problem(problems, "models", "no [[models]] entry: nothing to serve");
+            Vec::new()
+        }
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i, section(v.clone(), &format!("models[{i}]"), problems)))
+            .collect(),
+        Some(other) => {
+            problem(
+                problems,
+                "models",
+                format!(
+                    "expected an array of tables ([[models]]), found {}",
+                    other.type_str()
+                ),
+            );
+            Vec::new()
+        }
+    };
+
+    let mut models = Vec::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    for (i, m) in raw_models {
+        let k = |f: &str| format!("models[{i}].{f}");
+        let id = match m.id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => id.to_string(),
+            Some(_) => {
+                problem(problems, k("id"), "must not be empty");
+                continue;
+            }
+            None => {
+                problem(problems, k("id"), "missing");
+                continue;
+            }
+        };
+        let label = |f: &str| format!("models[{i}] ({id}).{f}");
+        if let Some(prev) = names.insert(id.clone(), label("id")) {
+            problem(
+                problems,
+                label("id"),
+                format!("duplicate name {id:?} (already used by {prev})"),
+            );
+        }
+        let aliases = m.aliases.clone().unwrap_or_default();
+        let mut seen = HashSet::new();
+        for (j, a) in aliases.iter().enumerate() {
+            let key = label(&format!("aliases[{j}]"));
+            if a.trim().is_empty() {
+                problem(problems, key, "must not be empty");
+            } else if !seen.insert(a.clone()) {
+                problem(problems, key, format!("alias {a:?} listed twice"));
+            } else if let Some(prev) = names.insert(a.clone(), key.clone()) {
+                problem(
+                    problems,
+                    key,
+                    format!("duplicate name {a:?} (already used by {prev})"),
+                );
+            }
+        }
+        let Some(runtime) = m.runtime else {
+            problem(
+                problems,
+                label("runtime"),
+                "missing: one of \"llama-cpp\", \"vllm\", \"command\"",
+            );
+            continue;
+        };
+        let mut model_path = None;
+        let mut command_args = Vec::new();
+        let program = match runtime {
+            RuntimeKind::LlamaCpp | RuntimeKind::Vllm => {
+                if m.command.is_some() {
+                    problem(
+                        problems,
+                        label("command"),
+                        format!(
+                            "only for runtime \"command\" (this model's runtime is {:?})",
+                            runtime.as_str()
+                        ),
+                    );
+                }
+                match &m.model_path {
+                    Some(p) if !p.trim().is_empty() => {
+                        // A missing file is not a config error: it may appear later, and the start
+                        // failure then says so with the runtime's own log lines.
+                        model_path = Some(base.join(p));
+                    }
+                    _ => problem(
+                        problems,
+                        label("model_path"),
+                        "missing: the model weights to serve",
+                    ),
+                }
+                let (key, name) = if runtime == RuntimeKind::LlamaCpp {
+                    (
+                        "runtimes.llama_server",
+                        raw_rt.llama_server.as_deref().unwrap_or("llama-server"),
+                    )
+                } else {
+                    ("runtimes.vllm", raw_rt.vllm.as_deref().unwrap_or("vllm"))
+                };
+                match resolve_program(name, base) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        problem(problems, label("runtime"), format!("{e} (set {key})"));
+                        PathBuf::new()
+                    }
+                }
+            }
+            RuntimeKind::Command => {
+                model_path = m.model_path.as_ref().map(|p| base.join(p));
+                match m.command.as_deref() {
+                    Some([prog, rest @ ..]) => {
+                        command_args = rest.to_vec();
+                        if !rest.iter().any(|a| a.contains("{port}")) {
+                            problem(
+                                problems,
+                                label("command"),
+                                "must pass the port hearth allocates: add an argument with {port}",
+                            );
+                        }
+                        match resolve_program(prog, base) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                problem(problems, label("command[0]"), e);
+                                PathBuf::new()
+                            }
+                        }
+                    }
+                    _ => {
+                        problem(
+                            problems,
+                            label("command"),
+                            "missing: the argv of the runtime (runtime = \"command\")",
+                        );
+                        PathBuf::new()
+                    }
+                }
+            }
+        };
+        let health_path = m.health_path.clone().unwrap_or_else(|| "/health".into());
+        if !health_path.starts_with('/') {
+            problem(problems, label("health_path"), "must start with /");
+        }
+        let memory_mb = match m.memory_mb {
+            Some(0) | None => {
+                problem(
+                    problems,
+                    label("memory_mb"),
+                    "missing or 0: what the model holds while loaded, in MB",
+                );
+                0
+            }
+            Some(v) => v,
+        };
+        if host_memory_mb > 0 && memory_mb > host_memory_mb {
+            problem(problems, label("memory_mb"), format!("{memory_mb} MB does not fit in pool \"host\" ({host_memory_mb} MB, resources.host_memory_mb)"));
+        }
+        let context_length = m.context_length.unwrap_or(4096);
+        if context_length == 0 {
+            problem(problems, label("context_length"), "must be greater than 0");
+        }
+        let max_concurrency = m.max_concurrency.unwrap_or(4);
+        if max_concurrency == 0 {
+            problem(problems, label("max_concurrency"), "must be at least 1");
+        }
+        let keep_warm = match m.keep_warm.as_deref().map(str::trim) {
+            None => KeepWarm::For(Duration::from_secs(300)),
+            Some("forever") | Some("never") => KeepWarm::Forever,
+            Some(_) => KeepWarm::For(duration(
+                &m.keep_warm,
+                Duration::from_secs(300),
+                label("keep_warm"),
+                problems,
+            )),
+        };
+        let min_residency = duration(
+            &m.min_residency,
+            Duration::from_secs(5),
+            label("min_residency"),
+            problems,
+        );
+        let start_timeout = duration(
+            &m.start_timeout,
+            Duration::from_secs(120),
+            label("start_timeout"),
+            problems,
+        );
+        let stop_timeout = duration(
+            &m.stop_timeout,
+            Duration::from_secs(10),
+            label("stop_timeout"),
+            problems,
+        );
+        if start_timeout.is_zero() {
+            problem(problems, label("start_timeout"), "must be greater than 0");
+        }
+        let rq = m.queue.unwrap_or_default();
+        let queue = QueueConfig {
+            max: rq.max.unwrap_or(64) as usize,
+            timeout: duration(
+                &rq.timeout,
+                Duration::from_secs(240),
+                label("queue.timeout"),
+                problems,
+            ),
+        };
+        if queue.timeout.is_zero() {
+            problem(problems, label("queue.timeout"), "must be greater than 0");
+        }
+        models.push(ModelConfig {
+            id,
+            aliases,
+            runtime,
+            program,
+            model_path,
+            command_args,
+            health_path,
+            args: m.args.unwrap_or_default(),
+            env: m.env.unwrap_or_default(),
+            memory_mb,
+            context_length,
+            max_concurrency,
+            keep_warm,
+            min_residency,
+            start_timeout,
+            stop_timeout,
+            queue,
+        });
+    }
+    let port_count = runtime_ports.clone().count();
+    if models.len() > port_count {
+        problem(
+            problems,
+            "server.runtime_ports",
+            format!("{port_count} ports for {} models", models.len()),
+        );
+    }
+    Some(Config {
+        source: PathBuf::new(),
+        server: ServerConfig {
+            listen,
+            api_keys,
+            max_body_bytes: max_body_bytes as usize,
+            runtime_ports,
+        },
+        resources: ResourcesConfig { host_memory_mb },
+        models,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prog = dir.path().join("llama-server");
+        std::fs::write(&prog, "").expect("write");
+        let text = text.replace("LLAMA", &prog.display().to_string());
+        Config::parse(&text, Path::new("t.toml"), dir.path())
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8000"
+api_keys = ["sk-local"]
+[resources]
+host_memory_mb = 1000
+[runtimes]
+llama_server = "LLAMA"
+[[models]]
+id = "a"
+aliases = ["fast"]
+runtime = "llama-cpp"
+model_path = "a.gguf"
+memory_mb = 300
+keep_warm = "5m"
+queue = { max = 8, timeout = "30s" }
+[[models]]
+id = "b"
+runtime = "llama-cpp"
+model_path = "/abs/b.gguf"
+memory_mb = 700
+keep_warm = "forever"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults_and_resolved_paths() {
+        let cfg = parse(GOOD).expect("valid");
+        assert_eq!(cfg.models.len(), 2);
+        let a = &cfg.models[0];
+        assert_eq!(a.aliases, vec!["fast"]);
+        assert!(a.model_path.as_ref().expect("path").is_absolute());
+        assert_eq!(a.queue.max, 8);
+        assert_eq!(a.queue.timeout, Duration::from_secs(30));
+        assert_eq!(a.keep_warm, KeepWarm::For(Duration::from_secs(300)));
+        assert_eq!(a.max_concurrency, 4);
+        assert_eq!(cfg.models[1].keep_warm, KeepWarm::Forever);
+        assert_eq!(
+            cfg.models[1].model_path.as_deref(),
+            Some(Path::new("/abs/b.gguf"))
+        );
+        assert_eq!(cfg.server.api_keys, vec!["sk-local"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let bad = r#"
+colour = "red"
+[server]
+listen = "nowhere"
+bogus = 1
+[resources]
+host_memory_mb = 500
+[runtimes]
+llama_server = "LLAMA"
+[[models]]
+id = "a"
+runtime = "llama-cpp"
+model_path = "a.gguf"
+memory_mb = "lots"
+context_length = -5
+keep_warm = "soon"
+typo_key = true
+[[models]]
+id = "a"
+aliases = ["a"]
+runtime = "llama-cpp"
+model_path = "b.gguf"
+memory_mb = 900
+"#;
+        let err = parse(bad).expect_err("invalid");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        let text = err.to_string();
+        for expected in [
+            "colour",
+            "server.bogus",
+            "server.listen",
+            "models[0].memory_mb",
+            "models[0].context_length",
+            "models[0].typo_key",
+            "models[0] (a).keep_warm",
+            "models[1] (a).id",
+            "models[1] (a).aliases[0]",
+            "models[1] (a).memory_mb",
+        ] {
+            assert!(
+                keys.contains(&expected),
+                "missing {expected} in {keys:?}\n{text}"
+            );
+        }
+        assert!(
+            text.contains("t.toml: models[1] (a).memory_mb: 900 MB does not fit"),
+            "{text}"
+        );
+        assert!(text.contains("duplicate name \"a\""), "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = parse("[server]\nlisten = \n").expect_err("invalid");
+        assert!(err.problems[0].reason.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn command_runtime_needs_port_placeholder_and_program() {
+        let err = parse(
+            r#"
+[resources]
+host_memory_mb = 100
+[[models]]
+id = "c"
+runtime = "command"
+command = ["/no/such/prog", "--x"]
+memory_mb = 10
+"#,
+        )
+        .expect_err("invalid");
+        let t = err.to_string();
+        assert!(
+            t.contains("models[0] (c).command: must pass the port"),
+            "{t}"
+        );
+        assert!(
+            t.contains("models[0] (c).command[0]: program /no/such/prog does not exist"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn missing_pool_and_models_are_reported() {
+        let err = parse("[server]\n").expect_err("invalid");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"resources.host_memory_mb"));
+        assert!(keys.contains(&"models"));
+    }
+}

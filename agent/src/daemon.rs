@@ -1,0 +1,77 @@
+//! `hearth run`: wires configuration, supervisor and proxy together and handles signals.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::{router, AppState};
+use crate::scheduler::LongestIdle;
+use crate::supervisor::Supervisor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Runs until SIGTERM or SIGINT; every runtime is stopped before it returns.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let addr = config.server.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen { addr, source })?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let metrics = Metrics::new()?;
+    let supervisor = Supervisor::start(config.clone(), metrics.clone(), Box::new(LongestIdle));
+    let state = AppState::new(config.clone(), supervisor.clone(), metrics);
+    tracing::info!(
+        %addr,
+        models = config.models.len(),
+        pool_mb = config.resources.host_memory_mb,
+        config = %config.source.display(),
+        "hearth listening"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let server = axum::serve(listener, proxy_router(state)).with_graceful_shutdown(async {
+        let _ = stop_rx.await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = sig, "shutting down");
+    supervisor.shutdown().await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => return Err(DaemonError::Serve(e)),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("connections still open after 5 s; exiting anyway"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn proxy_router(state: Arc<AppState>) -> axum::Router {
+    router(state)
+}

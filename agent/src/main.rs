@@ -1,0 +1,241 @@
+//! The `hearth` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use hearth::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Keeps the right local LLMs warm behind one OpenAI-compatible endpoint"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and report every problem at once.
+    CheckConfig { file: PathBuf },
+    /// Show every model's state from the running daemon.
+    Status(Remote),
+    /// List the models the running daemon serves.
+    Models(Remote),
+}
+
+#[derive(Args)]
+struct Remote {
+    /// The daemon's configuration (gives its address and API key).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// The daemon's base URL (default: from --config, else http://127.0.0.1:8000).
+    #[arg(long)]
+    url: Option<String>,
+    /// API key (default: the first of server.api_keys in --config).
+    #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Cmd::Run { config } => run(&config),
+        Cmd::CheckConfig { file } => return check_config(&file),
+        Cmd::Status(r) => remote(r, "/hearth/v1/status", print_status),
+        Cmd::Models(r) => remote(r, "/v1/models", print_models),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    runtime()?.block_on(hearth::daemon::run(config))?;
+    Ok(())
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!(
+                "{}: ok: {} model(s), pool \"host\" {} MB, listening on {}",
+                path.display(),
+                c.models.len(),
+                c.resources.host_memory_mb,
+                c.server.listen
+            );
+            for m in &c.models {
+                println!(
+                    "  {} ({}): {} MB, context {}, concurrency {}{}",
+                    m.id,
+                    m.runtime.as_str(),
+                    m.memory_mb,
+                    m.context_length,
+                    m.max_concurrency,
+                    if m.aliases.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", aliases {}", m.aliases.join(", "))
+                    }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn remote(r: Remote, path: &str, print: fn(&Value)) -> anyhow::Result<()> {
+    let cfg = match &r.config {
+        Some(p) => Some(Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let base = match (&r.url, &cfg) {
+        (Some(u), _) => u.trim_end_matches('/').to_string(),
+        (None, Some(c)) => format!("http://{}", c.server.listen),
+        (None, None) => "http://127.0.0.1:8000".to_string(),
+    };
+    let key = r.api_key.clone().or_else(|| {
+        cfg.as_ref()
+            .and_then(|c| c.server.api_keys.first().cloned())
+    });
+    let url = format!("{base}{path}");
+    let body = runtime()?.block_on(async {
+        let client: Client<_, Empty<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut req = http::Request::get(&url);
+        if let Some(k) = &key {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let req = req.body(Empty::new()).context("building the request")?;
+        let resp = client
+            .request(req)
+            .await
+            .with_context(|| format!("cannot reach hearth at {base} (is `hearth run` running?)"))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the answer")?
+            .to_bytes();
+        if !status.is_success() {
+            bail!("{url}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        anyhow::Ok(bytes)
+    })?;
+    let v: Value = serde_json::from_slice(&body).with_context(|| format!("{url}: not JSON"))?;
+    if r.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print(&v);
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.1}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn print_status(v: &Value) {
+    if let Some(pools) = v["pools"].as_array() {
+        for p in pools {
+            println!(
+                "pool {}: {} / {} MB used",
+                s(&p["name"]),
+                s(&p["used_mb"]),
+                s(&p["capacity_mb"])
+            );
+        }
+    }
+    println!(
+        "{:<20} {:<9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>8}  LAST ERROR",
+        "MODEL", "STATE", "PID", "MEM MB", "IN FLIGHT", "QUEUE", "STARTS", "LOAD S"
+    );
+    for m in v["models"].as_array().into_iter().flatten() {
+        let err = m["last_error"]
+            .as_str()
+            .map(|e| e.lines().next().unwrap_or("").to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<9} {:>8} {:>8} {:>9} {:>6} {:>7} {:>8}  {}",
+            s(&m["id"]),
+            s(&m["state"]),
+            s(&m["pid"]),
+            s(&m["memory_mb"]),
+            s(&m["in_flight"]),
+            s(&m["queue_depth"]),
+            s(&m["starts_total"]),
+            s(&m["last_load_seconds"]),
+            err
+        );
+    }
+}
+
+fn print_models(v: &Value) {
+    println!("{:<24} {:<10} {:>8}  ALIASES", "MODEL", "STATUS", "CONTEXT");
+    for m in v["data"].as_array().into_iter().flatten() {
+        let aliases: Vec<String> = m["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "{:<24} {:<10} {:>8}  {}",
+            s(&m["id"]),
+            s(&m["status"]),
+            s(&m["context_length"]),
+            aliases.join(", ")
+        );
+    }
+}

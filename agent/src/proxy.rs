@@ -1,0 +1,610 @@
+//! The one OpenAI-compatible endpoint.
+//!
+//! The proxy never touches a process: for each request it asks the supervisor for a [`Grant`] and
+//! waits (holding the client, no headers sent), then forwards to the runtime the grant names and
+//! streams the answer back frame by frame. The grant lives inside the response body, so the slot is
+//! released exactly when the stream ends or the client goes away.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::supervisor::{AcquireError, Grant, Supervisor};
+
+/// An OpenAI-shaped error response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn retry_after(mut self, d: Duration) -> ApiError {
+        self.retry_after = Some(d);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            json!({"error": {"message": self.message, "type": self.kind, "code": self.code}});
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(d) = self.retry_after {
+            let secs = d.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<AcquireError> for ApiError {
+    fn from(e: AcquireError) -> ApiError {
+        let code = match &e {
+            AcquireError::QueueFull { .. } => "queue_full",
+            AcquireError::QueueTimeout { .. } => "queue_timeout",
+            AcquireError::StartFailed { .. } => "model_start_failed",
+            AcquireError::ShuttingDown => "shutting_down",
+        };
+        let retry = e.retry_after();
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).retry_after(retry)
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Shared, read-only request-path state.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub supervisor: Supervisor,
+    pub metrics: Metrics,
+    client: HttpClient,
+    /// id and every alias → model index.
+    names: HashMap<String, usize>,
+    created: u64,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, supervisor: Supervisor, metrics: Metrics) -> Arc<AppState> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let mut names = HashMap::new();
+        for (i, m) in config.models.iter().enumerate() {
+            names.insert(m.id.clone(), i);
+            for a in &m.aliases {
+                names.insert(a.clone(), i);
+            }
+        }
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Arc::new(AppState {
+            config,
+            supervisor,
+            metrics,
+            client,
+            names,
+            created,
+        })
+    }
+
+    fn resolve(&self, name: &str) -> Result<usize, ApiError> {
+        self.names.get(name).copied().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("The model `{name}` does not exist. GET /v1/models lists the models this server has."),
+            )
+        })
+    }
+}
+
+/// The whole HTTP surface: OpenAI API, props, health, metrics and the admin API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let guarded = Router::new()
+        .route("/v1/chat/completions", post(forward))
+        .route("/v1/completions", post(forward))
+        .route("/v1/embeddings", post(forward))
+        .route("/v1/models", get(list_models))
+        .route("/hearth/v1/status", get(crate::admin::status))
+        .route("/hearth/v1/models/{id}/load", post(crate::admin::load))
+        .route("/hearth/v1/models/{id}/unload", post(crate::admin::unload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(guarded)
+        .route("/props", get(props))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(crate::admin::metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let keys = &st.config.server.api_keys;
+    if keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = given.is_some_and(|g| {
+        keys.iter().fold(false, |acc, k| {
+            acc | bool::from(k.as_bytes().ct_eq(g.as_bytes()))
+        })
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        let msg = if given.is_some() {
+            "Incorrect API key provided."
+        } else {
+            "Missing API key: send `Authorization: Bearer <key>`."
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", msg).into_response()
+    }
+}
+
+fn api_status(state: &str) -> &'static str {
+    match state {
+        "ready" | "draining" => "loaded",
+        "starting" => "loading",
+        "failed" => "failed",
+        _ => "unloaded",
+    }
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let report = st.supervisor.status().await.ok_or_else(shutting_down)?;
+    let data: Vec<Value> = report
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "object": "model",
+                "created": st.created,
+                "owned_by": "hearth",
+                "max_model_len": m.context_length,
+                "context_length": m.context_length,
+                "status": api_status(m.state),
+                "aliases": m.aliases,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "hearth is shutting down",
+    )
+    .retry_after(Duration::from_secs(5))
+}
+
+#[derive(Deserialize)]
+struct PropsQuery {
+    model: Option<String>,
+}
+
+/// llama.cpp-style `/props` for one model, from configuration and state only: never loads.
+async fn props(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<PropsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let name = match q.model {
+        Some(m) => m,
+        None if st.config.models.len() == 1 => st.config.models[0].id.clone(),
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_model",
+                "give ?model=ID: this server has several models",
+            ))
+        }
+    };
+    let i = st.resolve(&name)?;
+    let report = st.supervisor.status().await.ok_or_else(shutting_down)?;
+    let m = &st.config.models[i];
+    let state = report.models.get(i).map(|s| s.state).unwrap_or("cold");
+    Ok(Json(json!({
+        "model": m.id,
+        "model_alias": m.id,
+        "n_ctx": m.context_length,
+        "default_generation_settings": {"n_ctx": m.context_length},
+        "total_slots": m.max_concurrency,
+        "status": api_status(state),
+    })))
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+];
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, skip: &[HeaderName]) {
+    for (k, v) in from {
+        if !HOP_BY_HOP.contains(k) && !skip.contains(k) {
+            to.append(k.clone(), v.clone());
+        }
+    }
+}
+
+fn session_of(h: &HeaderMap) -> &str {
+    ["session_id", "x-session-affinity"]
+        .iter()
+        .find_map(|n| h.get(*n).and_then(|v| v.to_str().ok()))
+        .unwrap_or("")
+}
+
+/// POST /v1/{chat/completions,completions,embeddings}
+async fn forward(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = st.config.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("request body is larger than {limit} bytes (server.max_body_bytes)"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        drain(body).await;
+        return too_large().into_response();
+    }
+    let bytes = match read_body(body, limit).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return too_large().into_response(),
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("reading the request body: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let name = match serde_json::from_slice::<Head>(&bytes) {
+        Ok(Head { model: Some(m) }) => m.into_owned(),
+        Ok(Head { model: None }) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_model",
+                "the request has no `model`",
+            )
+            .into_response()
+        }
+        Err(e) if e.is_data() => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_model",
+                format!("`model` must be a string: {e}"),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the request body is not valid JSON: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let idx = match st.resolve(&name) {
+        Ok(i) => i,
+        Err(e) => return e.into_response(),
+    };
+    let id = st.config.models[idx].id.as_str();
+    let span = tracing::info_span!("request", model = %id, session = %session_of(&parts.headers));
+    let body = if name != id {
+        match rewrite_model(&bytes, id) {
+            Some(b) => b,
+            None => bytes,
+        }
+    } else {
+        bytes
+    };
+    let resp = async {
+        let t0 = Instant::now();
+        let grant = match st.supervisor.acquire(idx).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::info!(error = %e, "request refused");
+                return ApiError::from(e).into_response();
+            }
+        };
+        let waited = t0.elapsed();
+        st.metrics
+            .queue_wait
+            .with_label_values(&[id])
+            .observe(waited.as_secs_f64());
+        if waited > Duration::from_millis(100) {
+            tracing::info!(waited = ?waited, "request held until the model was ready");
+        }
+        send_upstream(&st, parts, body, grant, id).await
+    }
+    .instrument(span)
+    .await;
+    st.metrics
+        .requests
+        .with_label_values(&[id, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// Reads the whole body; `None` when it is larger than `limit` (the rest is drained, so the client
+/// reads the 413 instead of a reset).
+async fn read_body(mut body: Body, limit: usize) -> Result<Option<Bytes>, axum::Error> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body).await;
+                return Ok(None);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(buf.freeze()))
+}
+
+/// Discards what is left of a rejected body, within bounds (64 MiB, 2 s).
+async fn drain(mut body: Body) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut n = 0usize;
+        while let Some(Ok(f)) = body.frame().await {
+            n += f.data_ref().map_or(0, |d| d.len());
+            if n > 64 << 20 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn rewrite_model(bytes: &[u8], id: &str) -> Option<Bytes> {
+    let mut v: Value = serde_json::from_slice(bytes).ok()?;
+    v.as_object_mut()?
+        .insert("model".into(), Value::String(id.into()));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+async fn send_upstream(
+    st: &AppState,
+    parts: http::request::Parts,
+    body: Bytes,
+    grant: Grant,
+    model: &str,
+) -> Response {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = match format!("http://{}{}", grant.addr, pq).parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("bad request path: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let mut up = http::Request::builder().method(parts.method).uri(uri);
+    if let Some(h) = up.headers_mut() {
+        copy_headers(
+            &parts.headers,
+            h,
+            &[header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH],
+        );
+    }
+    let up = match up.body(Full::new(body)) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+                .into_response()
+        }
+    };
+    let resp = match st.client.request(up).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "runtime did not answer");
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("model {model}: the runtime failed before answering: {e}"),
+            )
+            .into_response();
+        }
+    };
+    let (rparts, incoming) = resp.into_parts();
+    let sse = rparts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut out = Response::builder().status(rparts.status);
+    if let Some(h) = out.headers_mut() {
+        copy_headers(&rparts.headers, h, &[]);
+    }
+    let body = GrantedBody {
+        inner: incoming,
+        grant: Some(grant),
+        sse,
+        model: model.to_string(),
+        failed: false,
+    };
+    out.body(Body::new(body)).unwrap_or_else(|e| {
+        ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()).into_response()
+    })
+}
+
+/// The runtime's response body, passed through frame by frame, holding the grant until it ends.
+struct GrantedBody {
+    inner: hyper::body::Incoming,
+    grant: Option<Grant>,
+    sse: bool,
+    model: String,
+    failed: bool,
+}
+
+impl HttpBody for GrantedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.grant = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(model = %self.model, error = %e, "runtime failed mid-response");
+                self.grant = None;
+                if self.sse {
+                    // Tell an SSE client in-band, then end the stream without `[DONE]`. (An error
+                    // right after the event would make hyper drop the event unsent.)
+                    self.failed = true;
+                    let ev = json!({"error": {
+                        "message": format!("model {}: the runtime failed mid-response: {e}", self.model),
+                        "type": "server_error",
+                        "code": "upstream_error",
+                    }});
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
+                        "data: {ev}\n\n"
+                    ))))))
+                } else {
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            }
+            other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as Self::Error))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_rewrite_replaces_only_model() {
+        let b = rewrite_model(
+            br#"{"model":"fast","messages":[{"role":"user","content":"hi"}]}"#,
+            "smollm2",
+        )
+        .expect("rewritten");
+        let v: Value = serde_json::from_slice(&b).expect("json");
+        assert_eq!(v["model"], "smollm2");
+        assert_eq!(v["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn error_body_is_openai_shaped_with_retry_after() {
+        let r = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", "full")
+            .retry_after(Duration::from_millis(1500))
+            .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn states_map_to_api_status() {
+        assert_eq!(api_status("ready"), "loaded");
+        assert_eq!(api_status("draining"), "loaded");
+        assert_eq!(api_status("starting"), "loading");
+        assert_eq!(api_status("stopping"), "unloaded");
+        assert_eq!(api_status("failed"), "failed");
+    }
+}

