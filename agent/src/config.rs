@@ -87,6 +87,9 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
     pub runtime_ports: RangeInclusive<u16>,
+    /// Async worker threads: 1 runs everything on one thread (no cross-thread wake-ups per request,
+    /// the lowest per-request cost; see docs/benchmarks.md), more spreads connections over threads.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +181,7 @@ struct RawServer {
     api_keys: Option<Vec<String>>,
     max_body_bytes: Option<u64>,
     runtime_ports: Option<String>,
+    worker_threads: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -432,6 +436,17 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
     if max_body_bytes < 1024 {
         problem(problems, "server.max_body_bytes", "must be at least 1024");
     }
+    let worker_threads = match raw_server.worker_threads.unwrap_or(1) {
+        n @ 1..=256 => n as usize,
+        n => {
+            problem(
+                problems,
+                "server.worker_threads",
+                format!("{n}: must be between 1 and 256"),
+            );
+            1
+        }
+    };
     let runtime_ports =
         match port_range(raw_server.runtime_ports.as_deref().unwrap_or("41000-41999")) {
             Ok(r) => r,
@@ -715,6 +730,7 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
             api_keys,
             max_body_bytes: max_body_bytes as usize,
             runtime_ports,
+            worker_threads,
         },
         resources: ResourcesConfig { host_memory_mb },
         models,

@@ -15,17 +15,17 @@ use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("installing signal handlers: {0}")]
+    #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    #[error("serving HTTP: {0}")]
+    #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
 }
 

@@ -79,17 +79,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+/// One thread (the default): the proxy's per-request hand-offs (handler, supervisor, upstream
+/// connection) stay on one thread, which measured cheaper than two workers on a 2-core host
+/// (docs/benchmarks.md).
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all().build().context("starting the async runtime")
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    runtime()?.block_on(hearth::daemon::run(config))?;
+    runtime(config.server.worker_threads)?.block_on(hearth::daemon::run(config))?;
     Ok(())
 }
 
@@ -142,7 +148,7 @@ fn remote(r: Remote, path: &str, print: fn(&Value)) -> anyhow::Result<()> {
             .and_then(|c| c.server.api_keys.first().cloned())
     });
     let url = format!("{base}{path}");
-    let body = runtime()?.block_on(async {
+    let body = runtime(1)?.block_on(async {
         let client: Client<_, Empty<bytes::Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let mut req = http::Request::get(&url);

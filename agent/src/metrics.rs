@@ -1,8 +1,8 @@
 //! Prometheus metrics (`hearth_` prefix), one registry per daemon.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::scheduler::Phase;
@@ -13,6 +13,22 @@ pub struct MetricsError {
     name: &'static str,
     #[source]
     source: prometheus::Error,
+}
+
+/// Gauges of one model.
+pub struct ModelGauges {
+    state: [IntGauge; Phase::ALL.len()],
+    pub memory: IntGauge,
+    pub queue_depth: IntGauge,
+    pub in_flight: IntGauge,
+}
+
+impl ModelGauges {
+    pub fn set_state(&self, phase: Phase) {
+        for (g, p) in self.state.iter().zip(Phase::ALL) {
+            g.set(i64::from(p == phase));
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -135,11 +151,13 @@ impl Metrics {
         })
     }
 
-    pub fn set_state(&self, model: &str, phase: Phase) {
-        for p in Phase::ALL {
-            self.model_state
-                .with_label_values(&[model, p.as_str()])
-                .set(i64::from(p == phase));
+    /// The per-model gauges, resolved once so that updating them is an atomic store.
+    pub fn model_gauges(&self, model: &str) -> ModelGauges {
+        ModelGauges {
+            state: Phase::ALL.map(|p| self.model_state.with_label_values(&[model, p.as_str()])),
+            memory: self.model_memory.with_label_values(&[model]),
+            queue_depth: self.queue_depth.with_label_values(&[model]),
+            in_flight: self.in_flight.with_label_values(&[model]),
         }
     }
 

@@ -95,6 +95,10 @@ impl From<AcquireError> for ApiError {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// How long an idle upstream connection is kept for reuse: below llama-server's keep-alive timeout
+/// (cpp-httplib's 5 s), so hearth never sends a request on a connection the runtime is closing.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(2);
+
 /// Shared, read-only request-path state.
 pub struct AppState {
     pub config: Arc<Config>,
@@ -103,6 +107,8 @@ pub struct AppState {
     client: HttpClient,
     /// id and every alias → model index.
     names: HashMap<String, usize>,
+    /// Per model (by index): the queue-wait histogram, resolved once.
+    queue_wait: Vec<prometheus::Histogram>,
     created: u64,
 }
 
@@ -111,7 +117,7 @@ impl AppState {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(UPSTREAM_IDLE)
             .build(connector);
         let mut names = HashMap::new();
         for (i, m) in config.models.iter().enumerate() {
@@ -124,12 +130,18 @@ impl AppState {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let queue_wait = config
+            .models
+            .iter()
+            .map(|m| metrics.queue_wait.with_label_values(&[&m.id]))
+            .collect();
         Arc::new(AppState {
             config,
             supervisor,
             metrics,
             client,
             names,
+            queue_wait,
             created,
         })
     }
@@ -395,10 +407,7 @@ async fn forward(State(st): State<Arc<AppState>>, req: Request) -> Response {
             }
         };
         let waited = t0.elapsed();
-        st.metrics
-            .queue_wait
-            .with_label_values(&[id])
-            .observe(waited.as_secs_f64());
+        st.queue_wait[idx].observe(waited.as_secs_f64());
         if waited > Duration::from_millis(100) {
             tracing::info!(waited = ?waited, "request held until the model was ready");
         }

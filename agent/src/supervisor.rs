@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, ModelConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelGauges};
 use crate::runtime::{self, RuntimeEvent, RuntimeProcess};
 use crate::scheduler::{
     self, Action, EvictReason, ModelView, Phase, Policy, Queued, Snapshot, Ticket,
@@ -272,6 +272,8 @@ struct ModelState {
 struct Actor {
     config: Arc<Config>,
     metrics: Metrics,
+    gauges: Vec<ModelGauges>,
+    pool_used: prometheus::IntGauge,
     policy: Box<dyn Policy>,
     models: Vec<ModelState>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -321,15 +323,21 @@ impl Actor {
             .pool_capacity
             .with_label_values(&["host"])
             .set((config.resources.host_memory_mb * 1024 * 1024) as i64);
-        for m in &config.models {
-            metrics.set_state(&m.id, Phase::Cold);
-            metrics.model_memory.with_label_values(&[&m.id]).set(0);
-            metrics.queue_depth.with_label_values(&[&m.id]).set(0);
-            metrics.in_flight.with_label_values(&[&m.id]).set(0);
-        }
+        let gauges: Vec<ModelGauges> = config
+            .models
+            .iter()
+            .map(|m| {
+                let g = metrics.model_gauges(&m.id);
+                g.set_state(Phase::Cold);
+                g
+            })
+            .collect();
+        let pool_used = metrics.pool_used.with_label_values(&["host"]);
         Actor {
             config,
             metrics,
+            gauges,
+            pool_used,
             policy,
             models,
             tx,
@@ -752,32 +760,19 @@ impl Actor {
 
     fn publish(&self) {
         let mut used = 0;
-        for m in &self.models {
-            let id = &m.cfg.id;
-            self.metrics.set_state(id, m.phase);
+        for (m, g) in self.models.iter().zip(&self.gauges) {
+            g.set_state(m.phase);
             let mem = if m.phase.holds_memory() {
                 m.cfg.memory_mb
             } else {
                 0
             };
             used += mem;
-            self.metrics
-                .model_memory
-                .with_label_values(&[id])
-                .set((mem * 1024 * 1024) as i64);
-            self.metrics
-                .queue_depth
-                .with_label_values(&[id])
-                .set(m.queue.len() as i64);
-            self.metrics
-                .in_flight
-                .with_label_values(&[id])
-                .set(i64::from(m.in_flight));
+            g.memory.set((mem * 1024 * 1024) as i64);
+            g.queue_depth.set(m.queue.len() as i64);
+            g.in_flight.set(i64::from(m.in_flight));
         }
-        self.metrics
-            .pool_used
-            .with_label_values(&["host"])
-            .set((used * 1024 * 1024) as i64);
+        self.pool_used.set((used * 1024 * 1024) as i64);
     }
 
     fn report(&self) -> StatusReport {

@@ -35,8 +35,8 @@ pub struct BenchArgs {
     /// Seconds per measured phase (one phase = one path, one scenario)
     #[arg(long, default_value_t = 4.0)]
     pub phase_secs: f64,
-    /// Direct/hearth phase pairs per scenario, interleaved ABBA to cancel drift
-    #[arg(long, default_value_t = 3)]
+    /// Direct/hearth phase pairs per scenario, interleaved ABBA to cancel drift (even is balanced)
+    #[arg(long, default_value_t = 4)]
     pub rounds: u32,
     /// Closed-loop concurrency levels
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
