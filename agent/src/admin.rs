@@ -23,31 +23,12 @@ pub async fn status(State(st): State<Arc<AppState>>) -> Result<Json<StatusReport
     })
 }
 
-fn model_index(st: &AppState, id: &str) -> Result<usize, ApiError> {
-    st.config
-        .models
-        .iter()
-        .position(|m| m.id == id || m.aliases.iter().any(|a| a == id))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("The model `{id}` does not exist."),
-            )
-        })
-}
-
 /// POST /hearth/v1/models/{id}/load
 pub async fn load(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let i = model_index(&st, &id)?;
-    st.supervisor.load(i);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"model": st.config.models[i].id, "requested": "load"})),
-    ))
+    request(&st, &id, "load")
 }
 
 /// POST /hearth/v1/models/{id}/unload
@@ -55,11 +36,27 @@ pub async fn unload(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let i = model_index(&st, &id)?;
-    st.supervisor.unload(i);
+    request(&st, &id, "unload")
+}
+
+/// Hands a load or unload request to the supervisor (which decides when it can happen).
+fn request(st: &AppState, name: &str, what: &'static str) -> Result<impl IntoResponse, ApiError> {
+    let i = st.resolve(name)?;
+    let sent = if what == "load" {
+        st.supervisor.load(i)
+    } else {
+        st.supervisor.unload(i)
+    };
+    if !sent {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "hearth is shutting down",
+        ));
+    }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"model": st.config.models[i].id, "requested": "unload"})),
+        Json(json!({"model": st.config.models[i].id, "requested": what})),
     ))
 }
 

@@ -146,7 +146,8 @@ impl AppState {
         })
     }
 
-    fn resolve(&self, name: &str) -> Result<usize, ApiError> {
+    /// The index of the model named `name` (its id or an alias).
+    pub fn resolve(&self, name: &str) -> Result<usize, ApiError> {
         self.names.get(name).copied().ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
