@@ -692,6 +692,13 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
                 problems,
             ),
         };
+        if queue.max == 0 {
+            problem(
+                problems,
+                label("queue.max"),
+                "must be at least 1 (every request passes through the queue, even when a slot is free)",
+            );
+        }
         if queue.timeout.is_zero() {
             problem(problems, label("queue.timeout"), "must be greater than 0");
         }
@@ -811,6 +818,7 @@ memory_mb = "lots"
 context_length = -5
 keep_warm = "soon"
 typo_key = true
+queue = { max = 0 }
 [[models]]
 id = "a"
 aliases = ["a"]
@@ -829,6 +837,7 @@ memory_mb = 900
             "models[0].context_length",
             "models[0].typo_key",
             "models[0] (a).keep_warm",
+            "models[0] (a).queue.max",
             "models[1] (a).id",
             "models[1] (a).aliases[0]",
             "models[1] (a).memory_mb",
