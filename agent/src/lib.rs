@@ -5,6 +5,7 @@
 //! [`proxy`] (asks for grants, never touches processes); [`admin`] and [`metrics`] expose state.
 
 pub mod admin;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod metrics;
