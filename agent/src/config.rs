@@ -87,8 +87,8 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
     pub runtime_ports: RangeInclusive<u16>,
-    /// Async worker threads: 1 runs everything on one thread (no cross-thread wake-ups per request,
-    /// the lowest per-request cost; see docs/benchmarks.md), more spreads connections over threads.
+    /// Async worker threads: 1 runs everything on one thread (no cross-thread wake-ups per request),
+    /// more spreads connections over threads.
     pub worker_threads: usize,
 }
 
@@ -166,10 +166,6 @@ impl Config {
                 problems,
             }),
         }
-    }
-
-    pub fn model(&self, id: &str) -> Option<&ModelConfig> {
-        self.models.iter().find(|m| m.id == id)
     }
 }
 

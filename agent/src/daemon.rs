@@ -52,7 +52,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let server = axum::serve(listener, proxy_router(state)).with_graceful_shutdown(async {
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async {
         let _ = stop_rx.await;
     });
     let server = tokio::spawn(async move { server.await });
@@ -70,8 +70,4 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-fn proxy_router(state: Arc<AppState>) -> axum::Router {
-    router(state)
 }

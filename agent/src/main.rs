@@ -79,9 +79,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// One thread (the default): the proxy's per-request hand-offs (handler, supervisor, upstream
-/// connection) stay on one thread, which measured cheaper than two workers on a 2-core host
-/// (docs/benchmarks.md).
+/// One thread (the default): a request's handler, the supervisor and the upstream connection hand
+/// off to each other without cross-thread wake-ups (see docs/architecture.md, Threads).
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

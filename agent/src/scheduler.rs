@@ -224,6 +224,12 @@ impl Policy for LongestIdle {
     }
 }
 
+/// Whether one more request may wait for model `m`, whose queue holds at most `queue_max`. Every
+/// request passes through the queue, even when a slot is free; a full queue answers at once (503).
+pub fn accepts_request(m: &ModelView<'_>, queue_max: usize) -> bool {
+    m.queue.len() < queue_max
+}
+
 /// Decides what to do now.
 pub fn plan(snap: &Snapshot<'_>, policy: &dyn Policy) -> Plan {
     let now = snap.now;
@@ -517,32 +523,46 @@ mod tests {
         }
     }
 
+    fn view(ms: &[M]) -> Vec<ModelView<'_>> {
+        ms.iter()
+            .map(|m| ModelView {
+                id: m.id,
+                phase: m.phase,
+                memory_mb: m.mem,
+                in_flight: m.in_flight,
+                max_concurrency: m.conc,
+                queue: &m.queue,
+                last_used: m.last_used,
+                ready_since: m.ready_since,
+                drain_since: m.drain_since,
+                start_deadline: None,
+                retry_at: m.retry_at,
+                keep_warm: m.keep_warm,
+                min_residency: m.min_residency,
+                load_requested: None,
+                unload_requested: false,
+            })
+            .collect()
+    }
+
     fn run(now: Instant, pool: u64, ms: &[M]) -> Plan {
         let snap = Snapshot {
             now,
             pool_mb: pool,
-            models: ms
-                .iter()
-                .map(|m| ModelView {
-                    id: m.id,
-                    phase: m.phase,
-                    memory_mb: m.mem,
-                    in_flight: m.in_flight,
-                    max_concurrency: m.conc,
-                    queue: &m.queue,
-                    last_used: m.last_used,
-                    ready_since: m.ready_since,
-                    drain_since: m.drain_since,
-                    start_deadline: None,
-                    retry_at: m.retry_at,
-                    keep_warm: m.keep_warm,
-                    min_residency: m.min_residency,
-                    load_requested: None,
-                    unload_requested: false,
-                })
-                .collect(),
+            models: view(ms),
         };
         plan(&snap, &LongestIdle)
+    }
+
+    #[test]
+    fn a_full_queue_refuses_more_requests() {
+        let t0 = Instant::now();
+        let mut a = m("a", Phase::Starting, 300);
+        a.queue = vec![q(t0, 1, 0), q(t0, 2, 1)];
+        let ms = [a];
+        let views = view(&ms);
+        assert!(!accepts_request(&views[0], 2));
+        assert!(accepts_request(&views[0], 3));
     }
 
     #[test]

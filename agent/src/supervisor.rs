@@ -404,7 +404,7 @@ impl Actor {
                     let _ = reply.send(Err(AcquireError::ShuttingDown));
                     return;
                 }
-                if m.queue.len() >= m.cfg.queue.max {
+                if !scheduler::accepts_request(&Self::view(m), m.cfg.queue.max) {
                     let _ = reply.send(Err(AcquireError::QueueFull {
                         model: m.cfg.id.clone(),
                         max: m.cfg.queue.max,
@@ -583,31 +583,31 @@ impl Actor {
         }
     }
 
+    fn view(m: &ModelState) -> ModelView<'_> {
+        ModelView {
+            id: &m.cfg.id,
+            phase: m.phase,
+            memory_mb: m.cfg.memory_mb,
+            in_flight: m.in_flight,
+            max_concurrency: m.cfg.max_concurrency,
+            queue: &m.queue,
+            last_used: m.last_used,
+            ready_since: m.ready_since,
+            drain_since: m.drain_since,
+            start_deadline: m.start_deadline,
+            retry_at: m.retry_at,
+            keep_warm: m.cfg.keep_warm,
+            min_residency: m.cfg.min_residency,
+            load_requested: m.load_requested,
+            unload_requested: m.unload_requested,
+        }
+    }
+
     fn snapshot(&self, now: Instant) -> Snapshot<'_> {
         Snapshot {
             now,
             pool_mb: self.config.resources.host_memory_mb,
-            models: self
-                .models
-                .iter()
-                .map(|m| ModelView {
-                    id: &m.cfg.id,
-                    phase: m.phase,
-                    memory_mb: m.cfg.memory_mb,
-                    in_flight: m.in_flight,
-                    max_concurrency: m.cfg.max_concurrency,
-                    queue: &m.queue,
-                    last_used: m.last_used,
-                    ready_since: m.ready_since,
-                    drain_since: m.drain_since,
-                    start_deadline: m.start_deadline,
-                    retry_at: m.retry_at,
-                    keep_warm: m.cfg.keep_warm,
-                    min_residency: m.cfg.min_residency,
-                    load_requested: m.load_requested,
-                    unload_requested: m.unload_requested,
-                })
-                .collect(),
+            models: self.models.iter().map(Self::view).collect(),
         }
     }
 

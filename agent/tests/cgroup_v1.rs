@@ -123,6 +123,19 @@ fn env(test: &str) -> Env {
     }
 }
 
+/// Fault injection: a child that forks a grandchild (what a plain kill of the child would leave
+/// behind), both in `cg` once this returns.
+fn spawn_forking(cg: &RuntimeCgroup) -> (Child, u32) {
+    let child = spawn_in(cg, "sleep 60 & sleep 60");
+    let pid = child.id();
+    wait_until(
+        "child and grandchild in the cgroup",
+        Duration::from_secs(5),
+        || cg.pids().map(|p| p.len() >= 2).unwrap_or(false),
+    );
+    (child, pid)
+}
+
 fn spawn_in(cg: &RuntimeCgroup, script: &str) -> Child {
     let plan = cg.join_plan().clone();
     let mut cmd = Command::new("sh");
@@ -221,13 +234,7 @@ fn limits_join_before_exec_kill_whole_tree_and_remove() {
     assert_eq!(st.oom_kills, Some(0));
 
     // A child that forks a grandchild (fault-injection: something that would escape a plain kill).
-    let mut child = spawn_in(&cg, "sleep 60 & sleep 60");
-    let pid = child.id();
-    wait_until(
-        "child and grandchild in the cgroup",
-        Duration::from_secs(5),
-        || cg.pids().map(|p| p.len() >= 2).unwrap_or(false),
-    );
+    let (mut child, pid) = spawn_forking(&cg);
     let pids = cg.pids().expect("pids");
     assert!(pids.contains(&pid), "{pid} not in {pids:?}");
 
@@ -384,13 +391,7 @@ fn real_cgroup2_create_join_kill_remove() {
         .create(&name, &Limits::default())
         .expect("create");
     env.cgroups.push(cg.clone());
-    let mut child = spawn_in(&cg, "sleep 60 & sleep 60");
-    let pid = child.id();
-    wait_until(
-        "child and grandchild in the cgroup",
-        Duration::from_secs(5),
-        || cg.pids().map(|p| p.len() >= 2).unwrap_or(false),
-    );
+    let (mut child, pid) = spawn_forking(&cg);
     let pids = cg.pids().expect("pids");
     let own = proc_cgroup_path(pid, "").expect("0:: line");
     assert_eq!(

@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// llama-server threads (`-t`) for the runtime and the direct server
     #[arg(long, default_value_t = 2)]
     pub threads: u32,
+    /// hearth's `server.worker_threads` (1 = its default, a one-thread runtime)
+    #[arg(long, default_value_t = 1)]
+    pub worker_threads: u32,
     /// Do not run `cargo build --release -p hearth` first
     #[arg(long)]
     pub no_build: bool,
@@ -426,6 +429,7 @@ fn hearth_config(p: &Paths, args: &BenchArgs, port: u16, rp: (u16, u16), slots: 
 [server]
 listen = "127.0.0.1:{port}"
 runtime_ports = "{lo}-{hi}"
+worker_threads = {wt}
 
 [resources]
 host_memory_mb = 2048
@@ -448,6 +452,7 @@ queue = {{ max = 256, timeout = "60s" }}
 "#,
         lo = rp.0,
         hi = rp.1,
+        wt = args.worker_threads,
         ls = toml_str(&p.llama_server.display().to_string()),
         model = toml_str(&p.model.display().to_string()),
         model_args = serde_json::Value::from(
