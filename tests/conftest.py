@@ -119,9 +119,12 @@ def _toml_value(v) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def render_config(server: dict, resources: dict, runtimes: dict, models: list[dict]) -> str:
+def render_config(server: dict, resources: dict, runtimes: dict, models: list[dict],
+                  extra: dict | None = None) -> str:
     out = []
-    for section, table in (("server", server), ("resources", resources), ("runtimes", runtimes)):
+    sections = [("server", server), ("resources", resources), ("runtimes", runtimes)]
+    sections += list((extra or {}).items())
+    for section, table in sections:
         out.append(f"[{section}]")
         out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
         out.append("")
@@ -216,8 +219,10 @@ class ProcSampler:
 
 class Hearth:
     def __init__(self, *, bin_path: str, config_path: Path, log_path: Path, port: int,
-                 api_key: str | None, workdir: Path, model_ids: list[str]):
+                 api_key: str | None, workdir: Path, model_ids: list[str],
+                 wrap: list[str] | None = None):
         self.bin = bin_path
+        self.wrap = wrap or []
         self.config_path = config_path
         self.log_path = log_path
         self.port = port
@@ -241,7 +246,7 @@ class Hearth:
         env = dict(os.environ)
         env["RUST_LOG"] = os.environ.get("HEARTH_TEST_RUST_LOG", "info")
         self._logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.bin, "run", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen(self.wrap + [self.bin, "run", "--config", str(self.config_path)],
                                      stdout=self._logf, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(self.workdir))
         if wait:
@@ -304,7 +309,8 @@ class Hearth:
     def runtime_pids(self) -> list[int]:
         """Live processes of this test's runtimes (their command lines name the test's directory)."""
         me = self.proc.pid if self.proc else None
-        return [p for p in pids_matching(str(self.workdir) + os.sep) if p != me]
+        return [p for p in pids_matching(str(self.workdir) + os.sep)
+                if p != me and not proc_cmdline(p).startswith(self.bin + " ")]
 
     def close(self):
         self._poll_stop.set()
@@ -363,6 +369,29 @@ class Hearth:
 # factory fixture
 # --------------------------------------------------------------------------------------------
 
+# The fault-injection double runs as the unprivileged runtime user: use the system's Python (the
+# venv's interpreter may live under a home directory that user cannot enter).
+FAKE_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def open_for_runtime_user(path: Path):
+    """Runtimes run as the unprivileged `hearth-runtime` user (hearth is root in CI): pytest makes its
+    temporary directories 0700, so open this test's directory and the ones above it that pytest
+    created (up to /tmp/pytest-of-<user>) for traversal and reading."""
+    p = path
+    while p != p.parent:
+        try:
+            st = p.stat()
+        except OSError:
+            break
+        if st.st_uid != os.geteuid() or str(p) in ("/", "/tmp"):
+            break
+        os.chmod(p, st.st_mode | 0o755)
+        if p.name.startswith("pytest-of-"):
+            break
+        p = p.parent
+
+
 class HearthFactory:
     def __init__(self, env: dict, smol_model: str, tmp_path: Path, node):
         self.env = env
@@ -371,6 +400,7 @@ class HearthFactory:
         self.node = node
         self.instances: list[Hearth] = []
         (tmp_path / "models").mkdir(exist_ok=True)
+        open_for_runtime_user(tmp_path)
 
     def model_link(self, name: str, target: str | None = None) -> str:
         """A per-test path to the weights (a symlink in tmp_path), so that every runtime's command line
@@ -401,7 +431,7 @@ class HearthFactory:
         m = {
             "id": model_id,
             "runtime": "command",
-            "command": [sys.executable, str(FAKES_DIR / "fault_injection_server.py"),
+            "command": [FAKE_PYTHON, str(FAKES_DIR / "fault_injection_server.py"),
                         "--host", "{host}", "--port", "{port}", "--mode", mode,
                         "--tag", str(self.tmp_path) + os.sep],
             "health_path": "/health",
@@ -415,7 +445,7 @@ class HearthFactory:
 
     def write_config(self, models: list[dict], *, host_memory_mb: int = 4000,
                      api_keys: list[str] | None = None, max_body_bytes: int | None = None,
-                     name: str = "hearth.toml") -> tuple[Path, int]:
+                     name: str = "hearth.toml", extra: dict | None = None) -> tuple[Path, int]:
         port = free_port()
         lo, hi = free_port_range(20)
         server = {"listen": f"127.0.0.1:{port}", "runtime_ports": f"{lo}-{hi}"}
@@ -424,21 +454,22 @@ class HearthFactory:
         if max_body_bytes is not None:
             server["max_body_bytes"] = max_body_bytes
         cfg = render_config(server, {"host_memory_mb": host_memory_mb},
-                            {"llama_server": self.env["llama_server"]}, models)
+                            {"llama_server": self.env["llama_server"]}, models, extra)
         path = self.tmp_path / name
         path.write_text(cfg)
         return path, port
 
     def __call__(self, models: list[dict], *, host_memory_mb: int = 4000,
                  api_keys: list[str] | None = None, max_body_bytes: int | None = None,
-                 wait: bool = True) -> Hearth:
+                 wait: bool = True, extra: dict | None = None,
+                 wrap: list[str] | None = None) -> Hearth:
         path, port = self.write_config(models, host_memory_mb=host_memory_mb, api_keys=api_keys,
-                                       max_body_bytes=max_body_bytes,
+                                       max_body_bytes=max_body_bytes, extra=extra,
                                        name=f"hearth{len(self.instances)}.toml")
         h = Hearth(bin_path=self.env["hearth_bin"], config_path=path,
                    log_path=self.tmp_path / f"hearth{len(self.instances)}.log", port=port,
                    api_key=api_keys[0] if api_keys else None, workdir=self.tmp_path,
-                   model_ids=[m["id"] for m in models])
+                   model_ids=[m["id"] for m in models], wrap=wrap)
         self.instances.append(h)
         return h.start(wait=wait)
 

@@ -235,28 +235,6 @@ pub fn join_self(plan: &JoinPlan) -> io::Result<()> {
     Ok(())
 }
 
-/// Drops root for the runtime, in the same `pre_exec` closure *after* [`join_self`]: no
-/// supplementary groups, `gid`, `uid`, and `no_new_privs` (setuid binaries and file capabilities
-/// cannot give anything back). Changing the uid of a root process also clears its capability sets.
-/// Async-signal-safe: only the `setgroups`, `setgid`, `setuid` and `prctl` calls, no allocation.
-///
-/// This exists because `std::process::Command::uid`/`gid` (and tokio's) are applied in the child
-/// *before* `pre_exec` closures run, so the join would then be attempted as the unprivileged user
-/// and fail with `EACCES` (tested in `tests/cgroup_v1.rs`).
-pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: plain syscalls with valid arguments (a null list of length 0 for setgroups).
-    unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setgid(gid) != 0
-            || libc::setuid(uid) != 0
-            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// Formats `n` in decimal into the end of `buf`, without allocating.
 fn format_u32(mut n: u32, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
@@ -552,7 +530,7 @@ impl RuntimeCgroup {
             source,
         })?;
         // SAFETY: plain syscall; the result is checked and owned below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
             return Err(CgroupError::Io {
                 cgroup: self.name.clone(),
@@ -587,7 +565,7 @@ fn unique_dirs(layout: &Layout) -> Vec<PathBuf> {
     }
 }
 
-fn validate_name(name: &str) -> Result<(), CgroupError> {
+pub fn validate_name(name: &str) -> Result<(), CgroupError> {
     let bad = |why| {
         Err(CgroupError::InvalidName {
             name: name.to_string(),

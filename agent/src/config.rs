@@ -97,6 +97,66 @@ pub struct ResourcesConfig {
     pub host_memory_mb: u64,
 }
 
+/// Whether runtimes go into cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// Use cgroups when the host allows it; otherwise run unconfined and say so loudly.
+    Auto,
+    /// Refuse to start without working cgroups.
+    Required,
+    /// Never create cgroups.
+    Off,
+}
+
+impl CgroupMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupMode::Auto => "auto",
+            CgroupMode::Required => "required",
+            CgroupMode::Off => "off",
+        }
+    }
+}
+
+/// `[confinement]`: how runtimes are confined (see docs/architecture.md, "Confinement").
+#[derive(Debug, Clone)]
+pub struct ConfinementConfig {
+    pub cgroups: CgroupMode,
+    /// This instance's name in the cgroup tree (`.../<name>/runtimes/<model>`); two hearth
+    /// instances on one host need different names.
+    pub cgroup_name: String,
+}
+
+/// A memory limit: a number of MB or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryMax {
+    Mb(u64),
+    Unlimited,
+}
+
+/// The cgroup limits and the user of one model's runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelLimits {
+    pub memory_max: MemoryMax,
+    pub cpu_weight: Option<u64>,
+    /// In CPUs (1.5 = one and a half CPUs of time per period).
+    pub cpu_quota: Option<f64>,
+    pub pids_max: Option<u64>,
+    pub cpuset: Option<String>,
+    /// The user the runtime runs as; `None`: the default (`hearth-runtime` if it exists, else
+    /// `nobody`, when hearth is root).
+    pub run_as: Option<String>,
+}
+
+/// The default headroom above `memory_mb` for `memory_max_mb`: 25 %, at least 256 MB.
+pub fn default_memory_max_mb(memory_mb: u64, headroom_mb: Option<u64>) -> u64 {
+    memory_mb + headroom_mb.unwrap_or_else(|| (memory_mb / 4).max(256))
+}
+
+/// Default `pids_max` (threads count): llama-server and vLLM run dozens to hundreds of threads;
+/// this stops a fork bomb, not a runtime.
+pub const DEFAULT_PIDS_MAX: u64 = 4096;
+
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
     pub max: usize,
@@ -125,6 +185,7 @@ pub struct ModelConfig {
     pub start_timeout: Duration,
     pub stop_timeout: Duration,
     pub queue: QueueConfig,
+    pub limits: ModelLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +193,7 @@ pub struct Config {
     pub source: PathBuf,
     pub server: ServerConfig,
     pub resources: ResourcesConfig,
+    pub confinement: ConfinementConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -186,6 +248,21 @@ struct RawResources {
 }
 
 #[derive(Deserialize, Default)]
+struct RawConfinement {
+    cgroups: Option<String>,
+    cgroup_name: Option<String>,
+    run_as: Option<String>,
+    memory_headroom_mb: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawMemoryMax {
+    Mb(u64),
+    Word(String),
+}
+
+#[derive(Deserialize, Default)]
 struct RawRuntimes {
     llama_server: Option<String>,
     vllm: Option<String>,
@@ -215,9 +292,46 @@ struct RawModel {
     start_timeout: Option<String>,
     stop_timeout: Option<String>,
     queue: Option<RawQueue>,
+    memory_max_mb: Option<RawMemoryMax>,
+    cpu_weight: Option<u64>,
+    cpu_quota: Option<f64>,
+    pids_max: Option<u64>,
+    cpuset: Option<String>,
+    run_as: Option<String>,
 }
 
-const TOP_KEYS: &[&str] = &["server", "resources", "runtimes", "models"];
+const TOP_KEYS: &[&str] = &["server", "resources", "confinement", "runtimes", "models"];
+
+/// A cgroup v1/v2 cpu list: `0-3,6`.
+fn valid_cpuset(s: &str) -> bool {
+    !s.is_empty()
+        && s.split(',').all(|part| {
+            let mut it = part.splitn(2, '-');
+            let a = it.next().map(|a| a.parse::<u32>());
+            let b = it.next().map(|b| b.parse::<u32>());
+            match (a, b) {
+                (Some(Ok(_)), None) => true,
+                (Some(Ok(a)), Some(Ok(b))) => a <= b,
+                _ => false,
+            }
+        })
+}
+
+/// Whether `name` exists in the user database.
+fn user_exists(name: &str) -> Result<bool, String> {
+    nix::unistd::User::from_name(name)
+        .map(|u| u.is_some())
+        .map_err(|e| format!("looking up user {name:?}: {e}"))
+}
+
+/// A name usable as a cgroup directory (as `cgroup::validate_name` accepts).
+fn valid_cgroup_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:@+".contains(c))
+}
 
 fn problem(problems: &mut Vec<Problem>, key: impl Into<String>, reason: impl Into<String>) {
     problems.push(Problem {
@@ -405,6 +519,38 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
     let raw_server: RawServer = section(get("server"), "server", problems);
     let raw_res: RawResources = section(get("resources"), "resources", problems);
     let raw_rt: RawRuntimes = section(get("runtimes"), "runtimes", problems);
+    let raw_conf: RawConfinement = section(get("confinement"), "confinement", problems);
+    let cgroups = match raw_conf.cgroups.as_deref() {
+        None | Some("auto") => CgroupMode::Auto,
+        Some("required") => CgroupMode::Required,
+        Some("off") => CgroupMode::Off,
+        Some(other) => {
+            problem(
+                problems,
+                "confinement.cgroups",
+                format!("{other:?}: expected \"auto\", \"required\" or \"off\""),
+            );
+            CgroupMode::Auto
+        }
+    };
+    let cgroup_name = raw_conf.cgroup_name.unwrap_or_else(|| "hearth".into());
+    if !valid_cgroup_name(&cgroup_name) {
+        problem(
+            problems,
+            "confinement.cgroup_name",
+            format!("{cgroup_name:?}: use 1-200 characters of A-Z a-z 0-9 . _ - : @ + (not starting with .)"),
+        );
+    }
+    let check_user = |key: String, name: &str, problems: &mut Vec<Problem>| match user_exists(name)
+    {
+        Ok(true) => {}
+        Ok(false) => problem(problems, key, format!("user {name:?} does not exist")),
+        Err(e) => problem(problems, key, e),
+    };
+    if let Some(u) = &raw_conf.run_as {
+        check_user("confinement.run_as".into(), u, problems);
+    }
+    let headroom = raw_conf.memory_headroom_mb;
 
     let listen = match raw_server
         .listen
@@ -698,6 +844,73 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
         if queue.timeout.is_zero() {
             problem(problems, label("queue.timeout"), "must be greater than 0");
         }
+        let memory_max = match m.memory_max_mb {
+            None => MemoryMax::Mb(default_memory_max_mb(memory_mb, headroom)),
+            Some(RawMemoryMax::Mb(0)) => {
+                problem(
+                    problems,
+                    label("memory_max_mb"),
+                    "must be greater than 0 (\"unlimited\" for no limit)",
+                );
+                MemoryMax::Unlimited
+            }
+            Some(RawMemoryMax::Mb(v)) => MemoryMax::Mb(v),
+            Some(RawMemoryMax::Word(w)) if w == "unlimited" => MemoryMax::Unlimited,
+            Some(RawMemoryMax::Word(w)) => {
+                problem(
+                    problems,
+                    label("memory_max_mb"),
+                    format!("{w:?}: expected a number of MB or \"unlimited\""),
+                );
+                MemoryMax::Unlimited
+            }
+        };
+        if let Some(w) = m.cpu_weight {
+            if !(1..=10_000).contains(&w) {
+                problem(
+                    problems,
+                    label("cpu_weight"),
+                    format!("{w}: must be between 1 and 10000 (default 100)"),
+                );
+            }
+        }
+        if let Some(q) = m.cpu_quota {
+            if !(q.is_finite() && q >= 0.01) {
+                problem(
+                    problems,
+                    label("cpu_quota"),
+                    format!("{q}: must be at least 0.01 (CPUs)"),
+                );
+            }
+        }
+        let pids_max = match m.pids_max {
+            Some(0) => {
+                problem(problems, label("pids_max"), "must be at least 1");
+                None
+            }
+            Some(v) => Some(v),
+            None => Some(DEFAULT_PIDS_MAX),
+        };
+        if let Some(c) = &m.cpuset {
+            if !valid_cpuset(c) {
+                problem(
+                    problems,
+                    label("cpuset"),
+                    format!("{c:?}: expected a cpu list such as \"0-3,6\""),
+                );
+            }
+        }
+        if let Some(u) = &m.run_as {
+            check_user(label("run_as"), u, problems);
+        }
+        let limits = ModelLimits {
+            memory_max,
+            cpu_weight: m.cpu_weight,
+            cpu_quota: m.cpu_quota,
+            pids_max,
+            cpuset: m.cpuset.clone(),
+            run_as: m.run_as.clone().or_else(|| raw_conf.run_as.clone()),
+        };
         models.push(ModelConfig {
             id,
             aliases,
@@ -716,6 +929,7 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
             start_timeout,
             stop_timeout,
             queue,
+            limits,
         });
     }
     let port_count = runtime_ports.clone().count();
@@ -736,6 +950,10 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
             worker_threads,
         },
         resources: ResourcesConfig { host_memory_mb },
+        confinement: ConfinementConfig {
+            cgroups,
+            cgroup_name,
+        },
         models,
     })
 }
@@ -848,6 +1066,53 @@ memory_mb = 900
             "{text}"
         );
         assert!(text.contains("duplicate name \"a\""), "{text}");
+    }
+
+    #[test]
+    fn confinement_keys_defaults_and_problems() {
+        let cfg = parse(GOOD).expect("valid");
+        assert_eq!(cfg.confinement.cgroups, CgroupMode::Auto);
+        assert_eq!(cfg.confinement.cgroup_name, "hearth");
+        let a = &cfg.models[0].limits;
+        // 300 MB declared: + max(256, 25 %) headroom
+        assert_eq!(a.memory_max, MemoryMax::Mb(556));
+        assert_eq!(cfg.models[1].limits.memory_max, MemoryMax::Mb(956));
+        assert_eq!(a.pids_max, Some(DEFAULT_PIDS_MAX));
+        assert_eq!(a.run_as, None);
+
+        let good = GOOD.replace(
+            "keep_warm = \"forever\"",
+            "keep_warm = \"forever\"\nmemory_max_mb = \"unlimited\"\ncpu_quota = 2.5\ncpu_weight = 300\ncpuset = \"0-1,3\"\nrun_as = \"root\"",
+        ) + "[confinement]\ncgroups = \"required\"\ncgroup_name = \"hearth-b\"\nmemory_headroom_mb = 100\n";
+        let cfg = parse(&good).expect("valid");
+        assert_eq!(cfg.confinement.cgroups, CgroupMode::Required);
+        assert_eq!(cfg.confinement.cgroup_name, "hearth-b");
+        assert_eq!(cfg.models[0].limits.memory_max, MemoryMax::Mb(400));
+        let b = &cfg.models[1].limits;
+        assert_eq!(b.memory_max, MemoryMax::Unlimited);
+        assert_eq!((b.cpu_quota, b.cpu_weight), (Some(2.5), Some(300)));
+        assert_eq!(b.cpuset.as_deref(), Some("0-1,3"));
+        assert_eq!(b.run_as.as_deref(), Some("root"));
+
+        let bad = GOOD.replace(
+            "keep_warm = \"forever\"",
+            "keep_warm = \"forever\"\nmemory_max_mb = \"huge\"\ncpu_quota = 0.0\ncpu_weight = 0\npids_max = 0\ncpuset = \"3-1\"\nrun_as = \"no-such-user-hearth\"",
+        ) + "[confinement]\ncgroups = \"sometimes\"\ncgroup_name = \"a/b\"\nrun_as = \"also-missing-hearth\"\n";
+        let err = parse(&bad).expect_err("invalid");
+        let text = err.to_string();
+        for expected in [
+            "confinement.cgroups: \"sometimes\"",
+            "confinement.cgroup_name: \"a/b\"",
+            "confinement.run_as: user \"also-missing-hearth\" does not exist",
+            "models[1] (b).memory_max_mb: \"huge\"",
+            "models[1] (b).cpu_quota",
+            "models[1] (b).cpu_weight",
+            "models[1] (b).pids_max",
+            "models[1] (b).cpuset: \"3-1\"",
+            "models[1] (b).run_as: user \"no-such-user-hearth\" does not exist",
+        ] {
+            assert!(text.contains(expected), "missing {expected}:\n{text}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
+use crate::confine::{ConfineError, Confinement};
 use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::{router, AppState};
 use crate::scheduler::LongestIdle;
@@ -25,6 +26,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
 }
@@ -39,7 +42,24 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let metrics = Metrics::new()?;
-    let supervisor = Supervisor::start(config.clone(), metrics.clone(), Box::new(LongestIdle));
+    let confinement = Arc::new(Confinement::setup(&config)?);
+    {
+        let st = confinement.status();
+        if confinement.hierarchy().is_some() {
+            tracing::info!(cgroups = %st.cgroups, reason = %st.reason, "runtimes are confined in cgroups");
+        } else {
+            tracing::warn!(reason = %st.reason, "runtime cgroups are OFF");
+        }
+        if !st.privileged {
+            tracing::warn!("hearth is not root: runtimes run as hearth's own user");
+        }
+    }
+    let supervisor = Supervisor::start(
+        config.clone(),
+        confinement,
+        metrics.clone(),
+        Box::new(LongestIdle),
+    );
     let state = AppState::new(config.clone(), supervisor.clone(), metrics);
     tracing::info!(
         %addr,

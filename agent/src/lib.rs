@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod cgroup;
 pub mod config;
+pub mod confine;
 pub mod daemon;
 pub mod metrics;
 pub mod proxy;

@@ -192,7 +192,15 @@ fn s(v: &Value) -> String {
     }
 }
 
+fn mb(v: &Value) -> String {
+    v.as_u64()
+        .map(|b| format!("{:.0}", b as f64 / 1048576.0))
+        .unwrap_or_else(|| "-".into())
+}
+
 fn print_status(v: &Value) {
+    let c = &v["confinement"];
+    println!("confinement: {} ({})", s(&c["cgroups"]), s(&c["reason"]));
     if let Some(pools) = v["pools"].as_array() {
         for p in pools {
             println!(
@@ -217,13 +225,36 @@ fn print_status(v: &Value) {
             s(&m["id"]),
             s(&m["state"]),
             s(&m["pid"]),
-            s(&m["memory_mb"]),
+            s(&m["memory_accounted_mb"]),
             s(&m["in_flight"]),
             s(&m["queue_depth"]),
             s(&m["starts_total"]),
             s(&m["last_load_seconds"]),
             err
         );
+        let cg = &m["cgroup"];
+        if cg.is_object() {
+            let paths: Vec<String> = cg["path"].as_array().into_iter().flatten().map(s).collect();
+            println!(
+                "  {:<18} user {}; memory {} (resident {}) / peak {} / limit {} MB; cpu {} s; {} tasks; oom kills {}",
+                "",
+                s(&m["user"]),
+                mb(&cg["memory_current_bytes"]),
+                mb(&cg["resident_bytes"]),
+                mb(&cg["memory_peak_bytes"]),
+                mb(&cg["memory_limit_bytes"]),
+                cg["cpu_seconds"]
+                    .as_f64()
+                    .map(|x| format!("{x:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                s(&cg["pids"]),
+                s(&cg["oom_kills"]),
+            );
+            println!("  {:<18} cgroup {}", "", paths.join(", "));
+        }
+        if let Some(w) = m["memory_warning"].as_str() {
+            println!("  {:<18} warning: {w}", "");
+        }
     }
 }
 

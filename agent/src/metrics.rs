@@ -1,7 +1,7 @@
 //! Prometheus metrics (`hearth_` prefix), one registry per daemon.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    exponential_buckets, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -21,6 +21,10 @@ pub struct ModelGauges {
     pub memory: IntGauge,
     pub queue_depth: IntGauge,
     pub in_flight: IntGauge,
+    pub runtime_memory: IntGauge,
+    pub runtime_memory_peak: IntGauge,
+    pub runtime_pids: IntGauge,
+    pub runtime_cpu: prometheus::Counter,
 }
 
 impl ModelGauges {
@@ -47,6 +51,15 @@ pub struct Metrics {
     pub starts: IntCounterVec,
     pub restarts: IntCounterVec,
     pub failures: IntCounterVec,
+    pub runtime_memory: IntGaugeVec,
+    pub runtime_memory_peak: IntGaugeVec,
+    pub runtime_memory_limit: IntGaugeVec,
+    pub runtime_cpu: CounterVec,
+    pub runtime_cpu_quota: prometheus::GaugeVec,
+    pub runtime_pids: IntGaugeVec,
+    pub runtime_pids_limit: IntGaugeVec,
+    pub oom_kills: IntCounterVec,
+    pub confinement: IntGaugeVec,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(
@@ -144,8 +157,65 @@ impl Metrics {
             )?,
             failures: counter(
                 "hearth_runtime_failures_total",
-                "Runtime failures, by reason (start_failed, start_timeout, crashed)",
+                "Runtime failures, by reason (start_failed, start_timeout, crashed, oom)",
                 &["model", "reason"],
+            )?,
+            runtime_memory: gauge(
+                "hearth_runtime_memory_bytes",
+                "Memory the runtime's cgroup uses now (memory.current / usage_in_bytes)",
+                &["model"],
+            )?,
+            runtime_memory_peak: gauge(
+                "hearth_runtime_memory_peak_bytes",
+                "Peak memory of the runtime's cgroup in its current run",
+                &["model"],
+            )?,
+            runtime_memory_limit: gauge(
+                "hearth_runtime_memory_limit_bytes",
+                "memory_max_mb applied to the runtime's cgroup (0: unlimited or no cgroups)",
+                &["model"],
+            )?,
+            runtime_cpu: reg(
+                &r,
+                "hearth_runtime_cpu_seconds_total",
+                CounterVec::new(
+                    Opts::new(
+                        "hearth_runtime_cpu_seconds_total",
+                        "CPU time used by the runtime's cgroup, over all its runs",
+                    ),
+                    &["model"],
+                ),
+            )?,
+            runtime_cpu_quota: reg(
+                &r,
+                "hearth_runtime_cpu_quota_cores",
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "hearth_runtime_cpu_quota_cores",
+                        "cpu_quota applied to the runtime's cgroup, in CPUs (0: none)",
+                    ),
+                    &["model"],
+                ),
+            )?,
+            runtime_pids: gauge(
+                "hearth_runtime_pids",
+                "Tasks (threads) in the runtime's cgroup",
+                &["model"],
+            )?,
+            runtime_pids_limit: gauge(
+                "hearth_runtime_pids_limit",
+                "pids_max applied to the runtime's cgroup (0: none)",
+                &["model"],
+            )?,
+            oom_kills: counter(
+                "hearth_runtime_oom_kills_total",
+                "Processes of the runtime the kernel OOM-killed in its cgroup",
+                &["model"],
+            )?,
+            confinement: gauge(
+                "hearth_confinement_info",
+                "1 for how runtimes are confined: cgroups = cgroup v1 | cgroup v2 | off",
+                &["cgroups", "run_as_switch"],
             )?,
             registry: r,
         })
@@ -158,6 +228,10 @@ impl Metrics {
             memory: self.model_memory.with_label_values(&[model]),
             queue_depth: self.queue_depth.with_label_values(&[model]),
             in_flight: self.in_flight.with_label_values(&[model]),
+            runtime_memory: self.runtime_memory.with_label_values(&[model]),
+            runtime_memory_peak: self.runtime_memory_peak.with_label_values(&[model]),
+            runtime_pids: self.runtime_pids.with_label_values(&[model]),
+            runtime_cpu: self.runtime_cpu.with_label_values(&[model]),
         }
     }
 

@@ -510,10 +510,14 @@ async fn send_upstream(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "runtime did not answer");
+            let why = match grant.death_reason(DEATH_REASON_WAIT).await {
+                Some(r) => format!(": {r}"),
+                None => format!(": {e}"),
+            };
             return ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
-                format!("model {model}: the runtime failed before answering: {e}"),
+                format!("model {model}: the runtime failed before answering{why}"),
             )
             .into_response();
         }
@@ -534,11 +538,17 @@ async fn send_upstream(
         sse,
         model: model.to_string(),
         failed: false,
+        dying: None,
     };
     out.body(Body::new(body)).unwrap_or_else(|e| {
         ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()).into_response()
     })
 }
+
+/// How long a request whose runtime died waits to learn why (OOM, exit status) before answering.
+const DEATH_REASON_WAIT: Duration = Duration::from_secs(1);
+
+type DyingFuture = Pin<Box<dyn std::future::Future<Output = String> + Send>>;
 
 /// The runtime's response body, passed through frame by frame, holding the grant until it ends.
 struct GrantedBody {
@@ -547,6 +557,8 @@ struct GrantedBody {
     sse: bool,
     model: String,
     failed: bool,
+    /// After a mid-stream failure of an SSE response: the error event, once the reason is known.
+    dying: Option<DyingFuture>,
 }
 
 impl HttpBody for GrantedBody {
@@ -560,6 +572,16 @@ impl HttpBody for GrantedBody {
         if self.failed {
             return Poll::Ready(None);
         }
+        if let Some(fut) = self.dying.as_mut() {
+            return match fut.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(event) => {
+                    self.dying = None;
+                    self.failed = true;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
+                }
+            };
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 self.grant = None;
@@ -567,19 +589,28 @@ impl HttpBody for GrantedBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(model = %self.model, error = %e, "runtime failed mid-response");
-                self.grant = None;
+                let grant = self.grant.take();
                 if self.sse {
-                    // Tell an SSE client in-band, then end the stream without `[DONE]`. (An error
-                    // right after the event would make hyper drop the event unsent.)
-                    self.failed = true;
-                    let ev = json!({"error": {
-                        "message": format!("model {}: the runtime failed mid-response: {e}", self.model),
-                        "type": "server_error",
-                        "code": "upstream_error",
-                    }});
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
-                        "data: {ev}\n\n"
-                    ))))))
+                    // Tell an SSE client in-band (with the reason, once the supervisor knows it),
+                    // then end the stream without `[DONE]`. (An error right after the event would
+                    // make hyper drop the event unsent.)
+                    let model = self.model.clone();
+                    let err = e.to_string();
+                    let fut: DyingFuture = Box::pin(async move {
+                        let why = match &grant {
+                            Some(g) => g.death_reason(DEATH_REASON_WAIT).await,
+                            None => None,
+                        };
+                        drop(grant);
+                        let ev = json!({"error": {
+                            "message": format!("model {model}: the runtime failed mid-response: {}", why.unwrap_or(err)),
+                            "type": "server_error",
+                            "code": "upstream_error",
+                        }});
+                        format!("data: {ev}\n\n")
+                    });
+                    self.dying = Some(fut);
+                    self.poll_frame(cx)
                 } else {
                     Poll::Ready(Some(Err(Box::new(e))))
                 }

@@ -23,12 +23,28 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use crate::cgroup::{RuntimeCgroup, Stats};
 use crate::config::{ModelConfig, RuntimeKind};
+use crate::confine::{self, Sandbox};
 
 /// How many lines of a runtime's output are kept for status and errors.
 pub const LOG_LINES: usize = 200;
 /// Readiness poll interval (llama-server answers 503 on /health while loading).
 pub const READY_POLL: Duration = Duration::from_millis(10);
+/// How often a running runtime's cgroup statistics are read.
+pub const STATS_EVERY: Duration = Duration::from_secs(1);
+/// How long a stopped runtime's cgroup may take to empty after SIGKILL.
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(5);
+
+/// The failure reason of an OOM kill, with the limit that was hit.
+pub fn oom_reason(limit_mb: Option<u64>) -> String {
+    match limit_mb {
+        Some(mb) => {
+            format!("oom: limit {mb} MB (memory_max_mb) exceeded, the kernel killed the runtime")
+        }
+        None => "oom: the kernel's OOM killer killed the runtime".to_string(),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -77,10 +93,29 @@ pub enum RuntimeEvent {
         model: usize,
         generation: u64,
     },
+    /// The runtime's cgroup recorded an OOM kill (`kills` in total so far).
+    Oom {
+        model: usize,
+        generation: u64,
+        kills: u64,
+    },
+    /// A periodic reading of the runtime's cgroup.
+    Stats {
+        model: usize,
+        generation: u64,
+        stats: Stats,
+        /// Proportional set size of the cgroup's processes: the memory they keep resident, shared
+        /// file pages (mmap'd weights already in the page cache, which the cgroup is not charged
+        /// for) included, each shared page split between its users.
+        resident_bytes: Option<u64>,
+    },
+    /// The runtime exited; with a cgroup, everything in it is gone and the cgroup removed.
     Exited {
         model: usize,
         generation: u64,
         status: String,
+        /// OOM kills its cgroup recorded over its life.
+        oom_kills: u64,
     },
 }
 
@@ -90,6 +125,12 @@ pub struct RuntimeProcess {
     pub pid: u32,
     pub port: u16,
     pub logs: LogTail,
+    /// The runtime's cgroup, when confinement has cgroups.
+    pub cgroup: Option<RuntimeCgroup>,
+    /// The user it runs as, when hearth switched it.
+    pub user: Option<confine::Credentials>,
+    /// Why this runtime died, once known (OOM, exit status): in-flight requests quote it.
+    pub fate: watch::Receiver<Option<String>>,
     exited: watch::Receiver<bool>,
     probe: tokio::task::JoinHandle<()>,
 }
@@ -174,17 +215,21 @@ fn ready_paths(m: &ModelConfig) -> Vec<String> {
     }
 }
 
-/// Spawns the runtime of model `index` on `port`; readiness and exit arrive on `events`.
+/// Spawns the runtime of model `index` on `port` inside `sandbox`; readiness, statistics, OOM and
+/// exit arrive on `events`.
 pub fn spawn(
     index: usize,
     generation: u64,
     m: &ModelConfig,
     port: u16,
+    sandbox: Sandbox,
     events: mpsc::UnboundedSender<RuntimeEvent>,
 ) -> Result<RuntimeProcess, RuntimeError> {
     let (program, args) = argv(m, port);
     let mut cmd = Command::new(&program);
     cmd.args(&args)
+        .env_clear()
+        .envs(sandbox.env.iter().map(|(k, v)| (k, v)))
         .envs(&m.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -192,13 +237,27 @@ pub fn spawn(
         .process_group(0)
         .kill_on_drop(false);
     let parent = std::process::id();
+    let join = sandbox.cgroup.as_ref().map(|c| c.join_plan().clone());
+    let creds = sandbox.credentials.as_ref().map(|c| (c.uid, c.gid));
+    let cap_last = sandbox.cap_last;
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe calls
-    // are allowed. It makes two raw syscalls (prctl(PR_SET_PDEATHSIG) and getppid) and returns an
-    // io::Error built from an errno value without allocating; it touches no lock, no allocator and no
-    // state shared with the parent.
+    // are allowed. `join_self` (open/write/close of paths prepared before the fork),
+    // `drop_privileges` (prctl/setgroups/setgid/setuid) and `set_no_new_privs` are documented as
+    // async-signal-safe and allocation-free; the rest are two raw syscalls (prctl(PR_SET_PDEATHSIG)
+    // and getppid). Errors are io::Errors built from errno without allocating. Nothing touches a
+    // lock, the allocator or state shared with the parent.
     unsafe {
         cmd.pre_exec(move || {
-            // If hearth dies without stopping us (kill -9), the kernel kills the runtime.
+            // Into the cgroup first (while still root), so nothing of the runtime runs outside.
+            if let Some(plan) = &join {
+                crate::cgroup::join_self(plan)?;
+            }
+            match creds {
+                Some((uid, gid)) => confine::drop_privileges(uid, gid, cap_last)?,
+                None => confine::set_no_new_privs()?,
+            }
+            // After the credential change, which clears the parent-death signal: if hearth dies
+            // without stopping us (kill -9), the kernel kills the runtime.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             if nix::unistd::getppid().as_raw() as u32 != parent {
                 // The parent died before the line above took effect.
@@ -207,11 +266,19 @@ pub fn spawn(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
-        model: m.id.clone(),
-        program: program.clone(),
-        source,
-    })?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(source) => {
+            if let Some(cg) = &sandbox.cgroup {
+                let _ = cg.remove();
+            }
+            return Err(RuntimeError::Spawn {
+                model: m.id.clone(),
+                program: program.clone(),
+                source,
+            });
+        }
+    };
     let pid = child.id().unwrap_or(0);
     let span = tracing::info_span!("runtime", model = %m.id, pid);
     let logs = LogTail::default();
@@ -227,24 +294,65 @@ pub fn spawn(
         ));
     }
     let (exit_tx, exited) = watch::channel(false);
+    let (fate_tx, fate) = watch::channel(None::<String>);
+    let fate_tx = std::sync::Arc::new(fate_tx);
+    let limit_mb = sandbox.memory_max_mb;
+    if let Some(cg) = sandbox.cgroup.clone() {
+        tokio::spawn(
+            monitor(
+                index,
+                generation,
+                cg,
+                limit_mb,
+                events.clone(),
+                fate_tx.clone(),
+                exited.clone(),
+            )
+            .instrument(span.clone()),
+        );
+    }
     let ev = events.clone();
+    let cgroup = sandbox.cgroup.clone();
     tokio::spawn(
         async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
-            // Whatever the leader left behind in its group goes with it.
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            // Report the exit only with the runtime's last words read (its pipes reach EOF once
-            // the group is gone), so a failure message carries them.
-            let _ = tokio::time::timeout(PUMP_DRAIN, futures_util::future::join_all(pumps)).await;
             let _ = exit_tx.send(true);
-            tracing::info!(%status, "runtime exited");
+            // Whatever the leader left behind goes with it: the whole cgroup (processes that left
+            // the process group too), else the process group.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let mut oom_kills = 0;
+            if let Some(cg) = cgroup {
+                match tokio::task::spawn_blocking(move || dismantle(&cg)).await {
+                    Ok(Ok(kills)) => oom_kills = kills,
+                    Ok(Err(e)) => tracing::error!(error = %e, "cleaning up the runtime's cgroup"),
+                    Err(e) => tracing::error!(error = %e, "cgroup cleanup task failed"),
+                }
+            }
+            let reason = if oom_kills > 0 {
+                oom_reason(limit_mb)
+            } else {
+                format!("runtime exited ({status})")
+            };
+            fate_tx.send_if_modified(|f| {
+                if f.is_none() || oom_kills > 0 {
+                    *f = Some(reason);
+                    true
+                } else {
+                    false
+                }
+            });
+            // Report the exit only with the runtime's last words read (its pipes reach EOF once
+            // everything holding them is gone), so a failure message carries them.
+            let _ = tokio::time::timeout(PUMP_DRAIN, futures_util::future::join_all(pumps)).await;
+            tracing::info!(%status, oom_kills, "runtime exited");
             let _ = ev.send(RuntimeEvent::Exited {
                 model: index,
                 generation,
                 status,
+                oom_kills,
             });
         }
         .instrument(span.clone()),
@@ -264,9 +372,150 @@ pub fn spawn(
         pid,
         port,
         logs,
+        cgroup: sandbox.cgroup,
+        user: sandbox.credentials,
+        fate,
         exited,
         probe,
     })
+}
+
+/// After the leader's exit: kill what is left in the cgroup, wait until it is empty, read its OOM
+/// count and remove it. Blocking (cgroupfs polls); run it off the async threads.
+fn dismantle(cg: &RuntimeCgroup) -> Result<u64, crate::cgroup::CgroupError> {
+    cg.kill_all()?;
+    cg.wait_empty(CGROUP_EMPTY_WAIT)?;
+    let kills = cg.stats().map(|s| s.oom_kills.unwrap_or(0)).unwrap_or(0);
+    cg.remove()?;
+    Ok(kills)
+}
+
+/// What wakes the monitor when the kernel OOM-kills in the cgroup: v1 an eventfd registered on
+/// `memory.oom_control`, v2 inotify on `memory.events`.
+enum OomSignal {
+    V1(tokio::io::unix::AsyncFd<std::fs::File>),
+    V2(inotify::EventStream<Vec<u8>>),
+    None,
+}
+
+impl OomSignal {
+    fn new(cg: &RuntimeCgroup) -> OomSignal {
+        let r = match cg.kind() {
+            crate::cgroup::Hierarchy::V1 => match cg.register_oom_eventfd() {
+                // SAFETY: the File owns the eventfd and moves into the AsyncFd, which owns it until
+                // dropped; a File's as_raw_fd always returns that same open descriptor.
+                Ok(Some(fd)) => {
+                    unsafe { tokio::io::unix::AsyncFd::register(std::fs::File::from(fd)) }
+                        .map(OomSignal::V1)
+                        .map_err(|e| e.to_string())
+                }
+                Ok(None) => Ok(OomSignal::None),
+                Err(e) => Err(e.to_string()),
+            },
+            crate::cgroup::Hierarchy::V2 => match cg.oom_notify_file() {
+                Some(path) => (|| {
+                    let ino = inotify::Inotify::init()?;
+                    ino.watches().add(&path, inotify::WatchMask::MODIFY)?;
+                    ino.into_event_stream(vec![0u8; 1024])
+                })()
+                .map(OomSignal::V2)
+                .map_err(|e| format!("inotify on {}: {e}", path.display())),
+                None => Ok(OomSignal::None),
+            },
+        };
+        r.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no OOM notification; OOM kills are seen by polling every {STATS_EVERY:?}");
+            OomSignal::None
+        })
+    }
+
+    async fn next(&mut self) {
+        match self {
+            OomSignal::V1(fd) => match fd.readable().await {
+                Ok(mut guard) => {
+                    let mut buf = [0u8; 8];
+                    let _ = guard.try_io(|f| std::io::Read::read(&mut f.get_ref(), &mut buf));
+                }
+                Err(_) => std::future::pending().await,
+            },
+            OomSignal::V2(stream) => {
+                use futures_util::StreamExt;
+                if stream.next().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            OomSignal::None => std::future::pending().await,
+        }
+    }
+}
+
+/// Reads the cgroup every [`STATS_EVERY`] and on every OOM notification; reports statistics and
+/// new OOM kills until the runtime exits.
+async fn monitor(
+    index: usize,
+    generation: u64,
+    cg: RuntimeCgroup,
+    limit_mb: Option<u64>,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+    fate: std::sync::Arc<watch::Sender<Option<String>>>,
+    mut exited: watch::Receiver<bool>,
+) {
+    let mut oom = OomSignal::new(&cg);
+    let mut tick = tokio::time::interval(STATS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = 0u64;
+    loop {
+        tokio::select! {
+            _ = exited.wait_for(|e| *e) => return,
+            _ = tick.tick() => {}
+            _ = oom.next() => {}
+        }
+        if *exited.borrow() {
+            return;
+        }
+        let Ok(stats) = cg.stats() else { continue };
+        let kills = stats.oom_kills.unwrap_or(0);
+        if kills > seen {
+            seen = kills;
+            tracing::warn!(
+                kills,
+                limit_mb,
+                "the kernel OOM-killed a process of the runtime"
+            );
+            fate.send_replace(Some(oom_reason(limit_mb)));
+            let _ = events.send(RuntimeEvent::Oom {
+                model: index,
+                generation,
+                kills,
+            });
+        }
+        let resident_bytes = cg.pids().ok().and_then(|pids| pss_bytes(&pids));
+        let _ = events.send(RuntimeEvent::Stats {
+            model: index,
+            generation,
+            stats,
+            resident_bytes,
+        });
+    }
+}
+
+/// The summed `Pss` of `pids` from `/proc/<pid>/smaps_rollup` (processes that vanished are skipped);
+/// `None` when none could be read.
+fn pss_bytes(pids: &[u32]) -> Option<u64> {
+    let mut total = None;
+    for pid in pids {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+            continue;
+        };
+        let kb = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        if let Some(kb) = kb {
+            *total.get_or_insert(0) += kb * 1024;
+        }
+    }
+    total
 }
 
 /// Output is read in batches: once the buffered lines are consumed, wait this long before the next
@@ -344,17 +593,18 @@ impl RuntimeProcess {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// SIGTERM to the process group, SIGKILL after `grace`. Returns at once; the exit arrives as
-    /// an event.
+    /// SIGTERM to the process group, then after `grace` SIGKILL to the group and to everything in
+    /// the cgroup. Returns at once; the exit arrives as an event.
     pub fn stop(&self, grace: Duration) {
         self.probe.abort();
         let pgid = Pid::from_raw(self.pid as i32);
-        let mut exited = self.exited.clone();
         if grace.is_zero() {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            kill_now(pgid, self.cgroup.clone());
             return;
         }
         let _ = killpg(pgid, Signal::SIGTERM);
+        let mut exited = self.exited.clone();
+        let cgroup = self.cgroup.clone();
         tokio::spawn(async move {
             let wait = exited.wait_for(|e| *e);
             if tokio::time::timeout(grace, wait).await.is_err() {
@@ -363,7 +613,18 @@ impl RuntimeProcess {
                     ?grace,
                     "runtime ignored SIGTERM; sending SIGKILL"
                 );
-                let _ = killpg(pgid, Signal::SIGKILL);
+                kill_now(pgid, cgroup);
+            }
+        });
+    }
+}
+
+fn kill_now(pgid: Pid, cgroup: Option<RuntimeCgroup>) {
+    let _ = killpg(pgid, Signal::SIGKILL);
+    if let Some(cg) = cgroup {
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = cg.kill_all() {
+                tracing::error!(error = %e, "killing the runtime's cgroup");
             }
         });
     }
@@ -422,6 +683,14 @@ mod tests {
             queue: QueueConfig {
                 max: 1,
                 timeout: Duration::from_secs(1),
+            },
+            limits: crate::config::ModelLimits {
+                memory_max: crate::config::MemoryMax::Unlimited,
+                cpu_weight: None,
+                cpu_quota: None,
+                pids_max: None,
+                cpuset: None,
+                run_as: None,
             },
         }
     }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{Config, ModelConfig};
+use crate::cgroup::Stats;
+use crate::config::{Config, MemoryMax, ModelConfig};
+use crate::confine::{Confinement, ConfinementStatus};
 use crate::metrics::{Metrics, ModelGauges};
 use crate::runtime::{self, RuntimeEvent, RuntimeProcess};
 use crate::scheduler::{
@@ -63,7 +65,21 @@ fn fmt_logs(logs: &[String]) -> String {
 #[derive(Debug)]
 pub struct Grant {
     pub addr: SocketAddr,
+    /// Why the runtime died, once known: an in-flight request that loses its runtime quotes it.
+    pub fate: tokio::sync::watch::Receiver<Option<String>>,
     _guard: ReleaseGuard,
+}
+
+impl Grant {
+    /// Waits up to `wait` for the reason the runtime died (OOM, exit status).
+    pub async fn death_reason(&self, wait: Duration) -> Option<String> {
+        let mut rx = self.fate.clone();
+        let r = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        match r {
+            Ok(Ok(v)) => v.clone(),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -85,6 +101,20 @@ pub struct PoolStatus {
     pub used_mb: u64,
 }
 
+/// A running runtime's cgroup, as `hearth status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupStatus {
+    pub path: Vec<std::path::PathBuf>,
+    pub memory_current_bytes: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    /// Proportional set size of its processes (mmap'd weights included).
+    pub resident_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub pids: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStatus {
     pub id: String,
@@ -94,6 +124,16 @@ pub struct ModelStatus {
     pub pid: Option<u32>,
     pub port: Option<u16>,
     pub memory_mb: u64,
+    /// The most memory a run of this model was seen to use (cgroup), in MB.
+    pub memory_observed_mb: Option<u64>,
+    /// What the scheduler accounts for it: the larger of declared and observed.
+    pub memory_accounted_mb: u64,
+    /// Set when the model uses more than its declared `memory_mb`.
+    pub memory_warning: Option<String>,
+    /// The user the runtime runs (or would run) as.
+    pub user: Option<String>,
+    pub cgroup: Option<CgroupStatus>,
+    pub oom_kills_total: u64,
     pub context_length: u32,
     pub max_concurrency: u32,
     pub in_flight: u32,
@@ -111,6 +151,7 @@ pub struct ModelStatus {
 pub struct StatusReport {
     pub version: &'static str,
     pub uptime_seconds: f64,
+    pub confinement: ConfinementStatus,
     pub pools: Vec<PoolStatus>,
     pub models: Vec<ModelStatus>,
 }
@@ -171,10 +212,15 @@ impl Drop for Pending {
 
 impl Supervisor {
     /// Starts the actor.
-    pub fn start(config: Arc<Config>, metrics: Metrics, policy: Box<dyn Policy>) -> Supervisor {
+    pub fn start(
+        config: Arc<Config>,
+        confinement: Arc<Confinement>,
+        metrics: Metrics,
+        policy: Box<dyn Policy>,
+    ) -> Supervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let actor = Actor::new(config, metrics, policy, tx.clone(), ev_tx);
+        let actor = Actor::new(config, confinement, metrics, policy, tx.clone(), ev_tx);
         tokio::spawn(actor.run(rx, ev_rx));
         Supervisor {
             tx,
@@ -267,10 +313,27 @@ struct ModelState {
     last_load: Option<Duration>,
     load_requested: Option<Instant>,
     unload_requested: bool,
+    /// The latest cgroup reading of the running runtime.
+    stats: Option<Stats>,
+    /// CPU seconds of the current run already added to the counter.
+    cpu_counted: f64,
+    /// The most memory a ready run was seen to use, in MB (kept across runs).
+    observed_mb: u64,
+    memory_warning: Option<String>,
+    oom_kills: u64,
+    resident_bytes: Option<u64>,
+}
+
+impl ModelState {
+    /// What the scheduler accounts: the declared size, or more once a run was seen using more.
+    fn accounted_mb(&self) -> u64 {
+        self.cfg.memory_mb.max(self.observed_mb)
+    }
 }
 
 struct Actor {
     config: Arc<Config>,
+    confinement: Arc<Confinement>,
     metrics: Metrics,
     gauges: Vec<ModelGauges>,
     pool_used: prometheus::IntGauge,
@@ -286,6 +349,7 @@ struct Actor {
 impl Actor {
     fn new(
         config: Arc<Config>,
+        confinement: Arc<Confinement>,
         metrics: Metrics,
         policy: Box<dyn Policy>,
         tx: mpsc::UnboundedSender<Msg>,
@@ -317,8 +381,44 @@ impl Actor {
                 last_load: None,
                 load_requested: None,
                 unload_requested: false,
+                stats: None,
+                cpu_counted: 0.0,
+                observed_mb: 0,
+                memory_warning: None,
+                oom_kills: 0,
+                resident_bytes: None,
             })
             .collect();
+        let cg = confinement.status().cgroups.clone();
+        let switch = if confinement.status().privileged {
+            "yes"
+        } else {
+            "no"
+        };
+        metrics.confinement.with_label_values(&[&cg, switch]).set(1);
+        let confined = confinement.hierarchy().is_some();
+        for m in &config.models {
+            let l = &m.limits;
+            let id = m.id.as_str();
+            let mem = match (confined, l.memory_max) {
+                (true, MemoryMax::Mb(mb)) => (mb * 1024 * 1024) as i64,
+                _ => 0,
+            };
+            metrics
+                .runtime_memory_limit
+                .with_label_values(&[id])
+                .set(mem);
+            let quota = l.cpu_quota.filter(|_| confined).unwrap_or(0.0);
+            metrics
+                .runtime_cpu_quota
+                .with_label_values(&[id])
+                .set(quota);
+            let pids = l.pids_max.filter(|_| confined).unwrap_or(0);
+            metrics
+                .runtime_pids_limit
+                .with_label_values(&[id])
+                .set(pids as i64);
+        }
         metrics
             .pool_capacity
             .with_label_values(&["host"])
@@ -335,6 +435,7 @@ impl Actor {
         let pool_used = metrics.pool_used.with_label_values(&["host"]);
         Actor {
             config,
+            confinement,
             metrics,
             gauges,
             pool_used,
@@ -500,16 +601,60 @@ impl Actor {
                 m.retry_at = None;
                 m.load_requested = None;
             }
+            RuntimeEvent::Stats {
+                model,
+                generation,
+                stats,
+                resident_bytes,
+            } => self.on_stats(model, generation, stats, resident_bytes),
+            RuntimeEvent::Oom {
+                model,
+                generation,
+                kills,
+            } => {
+                let Some(m) = self.models.get_mut(model) else {
+                    return;
+                };
+                if m.generation != generation || m.pending_failure.is_some() {
+                    return;
+                }
+                let Some(p) = &m.proc else { return };
+                // Part of the runtime is gone; whatever is left cannot be trusted to serve.
+                tracing::warn!(model = %m.cfg.id, kills, "OOM kill in the runtime's cgroup: stopping it");
+                m.pending_failure = Some(Failure {
+                    reason: runtime::oom_reason(oom_limit(&m.cfg)),
+                    metric: "oom",
+                    logs: p.logs.last(ERROR_LOG_LINES),
+                    during_start: true,
+                });
+                p.stop(Duration::ZERO);
+                m.phase = Phase::Stopping;
+                m.start_deadline = None;
+            }
             RuntimeEvent::Exited {
                 model,
                 generation,
                 status,
+                oom_kills,
             } => {
                 let Some(m) = self.models.get_mut(model) else {
                     return;
                 };
                 if m.generation != generation {
                     return;
+                }
+                m.stats = None;
+                m.resident_bytes = None;
+                let g = &self.gauges[model];
+                g.runtime_memory.set(0);
+                g.runtime_memory_peak.set(0);
+                g.runtime_pids.set(0);
+                if oom_kills > 0 {
+                    m.oom_kills += oom_kills;
+                    self.metrics
+                        .oom_kills
+                        .with_label_values(&[&m.cfg.id])
+                        .inc_by(oom_kills);
                 }
                 let logs = m
                     .proc
@@ -522,6 +667,13 @@ impl Actor {
                 let was = m.phase;
                 let failure = match (was, m.pending_failure.take()) {
                     (_, Some(f)) => Some(f),
+                    // An OOM kill the monitor had not reported yet: the same failure.
+                    (_, None) if oom_kills > 0 => Some(Failure {
+                        reason: runtime::oom_reason(oom_limit(&m.cfg)),
+                        metric: "oom",
+                        logs,
+                        during_start: true,
+                    }),
                     (Phase::Starting, None) => Some(Failure {
                         reason: format!("runtime exited before it was ready ({status})"),
                         metric: "start_failed",
@@ -549,6 +701,59 @@ impl Actor {
                 }
             }
         }
+    }
+
+    fn on_stats(&mut self, i: usize, generation: u64, stats: Stats, resident: Option<u64>) {
+        let Some(m) = self.models.get_mut(i) else {
+            return;
+        };
+        if m.generation != generation || m.proc.is_none() {
+            return;
+        }
+        let g = &self.gauges[i];
+        if let Some(c) = stats.memory_current_bytes {
+            g.runtime_memory.set(c as i64);
+        }
+        // What the model really holds: the cgroup's charge, or its processes' resident pages when
+        // larger (mmap'd weights cached before are resident but charged to another cgroup).
+        let used = match (stats.memory_current_bytes, resident) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        m.resident_bytes = resident;
+        if let Some(cur) = used {
+            // Only a ready runtime's usage counts as what the model uses (a start reads weights
+            // through the page cache in bursts).
+            if matches!(m.phase, Phase::Ready | Phase::Draining) {
+                let mb = cur.div_ceil(1024 * 1024);
+                if mb > m.observed_mb {
+                    m.observed_mb = mb;
+                    if mb > m.cfg.memory_mb {
+                        let w = format!(
+                            "uses {mb} MB, more than its declared memory_mb = {}: accounted as {mb} MB",
+                            m.cfg.memory_mb
+                        );
+                        if m.memory_warning.is_none() {
+                            tracing::warn!(model = %m.cfg.id, observed_mb = mb, declared_mb = m.cfg.memory_mb, "model uses more memory than declared; scheduling with what it uses");
+                        }
+                        m.memory_warning = Some(w);
+                    }
+                }
+            }
+        }
+        if let Some(peak) = stats.memory_peak_bytes {
+            g.runtime_memory_peak.set(peak as i64);
+        }
+        if let Some(p) = stats.pids_current {
+            g.runtime_pids.set(p as i64);
+        }
+        if let Some(cpu) = stats.cpu_usage_seconds {
+            if cpu > m.cpu_counted {
+                g.runtime_cpu.inc_by(cpu - m.cpu_counted);
+                m.cpu_counted = cpu;
+            }
+        }
+        m.stats = Some(stats);
     }
 
     /// Puts model `i` in `failed`. A failed start fails the requests waiting for it; after a crash
@@ -587,7 +792,7 @@ impl Actor {
         ModelView {
             id: &m.cfg.id,
             phase: m.phase,
-            memory_mb: m.cfg.memory_mb,
+            memory_mb: m.accounted_mb(),
             in_flight: m.in_flight,
             max_concurrency: m.cfg.max_concurrency,
             queue: &m.queue,
@@ -642,6 +847,7 @@ impl Actor {
                 m.last_used = Some(now);
                 let grant = Grant {
                     addr: p.addr(),
+                    fate: p.fate.clone(),
                     _guard: ReleaseGuard {
                         tx: self.tx.clone(),
                         model,
@@ -731,11 +937,22 @@ impl Actor {
         let m = &mut self.models[i];
         let restart = m.phase == Phase::Failed;
         m.generation += 1;
+        m.cpu_counted = 0.0;
         let spawned = runtime::free_port(&m.cfg.id, range, &taken)
-            .and_then(|port| runtime::spawn(i, m.generation, &m.cfg, port, self.events.clone()));
+            .map_err(|e| e.to_string())
+            .and_then(|port| {
+                let sandbox = self.confinement.sandbox(i, &m.cfg)?;
+                runtime::spawn(i, m.generation, &m.cfg, port, sandbox, self.events.clone())
+                    .map_err(|e| e.to_string())
+            });
         match spawned {
             Ok(p) => {
-                tracing::info!(model = %m.cfg.id, pid = p.pid, port = p.port, "runtime starting");
+                let cgroup = p
+                    .cgroup
+                    .as_ref()
+                    .and_then(|c| c.dirs().first().map(|d| d.display().to_string()));
+                let user = p.user.as_ref().map(|u| u.user.as_str());
+                tracing::info!(model = %m.cfg.id, pid = p.pid, port = p.port, cgroup, user, "runtime starting");
                 m.proc = Some(p);
                 m.phase = Phase::Starting;
                 m.spawned_at = Some(now);
@@ -748,7 +965,7 @@ impl Actor {
             }
             Err(e) => {
                 let f = Failure {
-                    reason: e.to_string(),
+                    reason: e,
                     metric: "start_failed",
                     logs: Vec::new(),
                     during_start: true,
@@ -763,7 +980,7 @@ impl Actor {
         for (m, g) in self.models.iter().zip(&self.gauges) {
             g.set_state(m.phase);
             let mem = if m.phase.holds_memory() {
-                m.cfg.memory_mb
+                m.accounted_mb()
             } else {
                 0
             };
@@ -781,6 +998,7 @@ impl Actor {
         StatusReport {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: (now - self.started).as_secs_f64(),
+            confinement: self.confinement.status().clone(),
             pools: vec![PoolStatus {
                 name: "host".into(),
                 capacity_mb: self.config.resources.host_memory_mb,
@@ -789,7 +1007,8 @@ impl Actor {
             models: self
                 .models
                 .iter()
-                .map(|m| ModelStatus {
+                .enumerate()
+                .map(|(i, m)| ModelStatus {
                     id: m.cfg.id.clone(),
                     aliases: m.cfg.aliases.clone(),
                     runtime: m.cfg.runtime.as_str(),
@@ -797,6 +1016,29 @@ impl Actor {
                     pid: m.proc.as_ref().map(|p| p.pid),
                     port: m.proc.as_ref().map(|p| p.port),
                     memory_mb: m.cfg.memory_mb,
+                    memory_observed_mb: (m.observed_mb > 0).then_some(m.observed_mb),
+                    memory_accounted_mb: m.accounted_mb(),
+                    memory_warning: m.memory_warning.clone(),
+                    user: m
+                        .proc
+                        .as_ref()
+                        .and_then(|p| p.user.as_ref())
+                        .or(self.confinement.user_of(i))
+                        .map(|u| format!("{} (uid {})", u.user, u.uid)),
+                    cgroup: m.proc.as_ref().and_then(|p| p.cgroup.as_ref()).map(|c| {
+                        let st = m.stats.clone().unwrap_or_default();
+                        CgroupStatus {
+                            path: c.dirs(),
+                            memory_current_bytes: st.memory_current_bytes,
+                            memory_peak_bytes: st.memory_peak_bytes,
+                            memory_limit_bytes: st.memory_limit_bytes,
+                            resident_bytes: m.resident_bytes,
+                            cpu_seconds: st.cpu_usage_seconds,
+                            pids: st.pids_current,
+                            oom_kills: st.oom_kills,
+                        }
+                    }),
+                    oom_kills_total: m.oom_kills,
                     context_length: m.cfg.context_length,
                     max_concurrency: m.cfg.max_concurrency,
                     in_flight: m.in_flight,
@@ -825,6 +1067,14 @@ impl Actor {
                 })
                 .collect(),
         }
+    }
+}
+
+/// The memory limit quoted in a model's OOM failure.
+fn oom_limit(m: &ModelConfig) -> Option<u64> {
+    match m.limits.memory_max {
+        MemoryMax::Mb(mb) => Some(mb),
+        MemoryMax::Unlimited => None,
     }
 }
 

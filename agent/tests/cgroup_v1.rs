@@ -452,7 +452,7 @@ fn join_as_root_then_drop_privileges() {
     unsafe {
         right.pre_exec(move || {
             join_self(&plan)?;
-            hearth::cgroup::drop_privileges(65534, 65534)
+            hearth::confine::drop_privileges(65534, 65534, None)
         });
     }
     let mut child = right.spawn().expect("spawn");

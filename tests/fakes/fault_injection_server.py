@@ -7,6 +7,9 @@ Modes (--mode):
   ignore-sigterm  ready at once; ignores SIGTERM and spawns a grandchild (also ignoring SIGTERM) so that
                   hearth must SIGKILL the whole process group after stop_timeout.
   drop-requests   ready at once; every POST gets its connection closed without a response (tests 502).
+  escape          ready at once; forks a grandchild that leaves the process group and the session
+                  (setsid) and ignores SIGTERM: only a cgroup-wide kill reaches it. Its command line
+                  carries "fault-injection-escaped-grandchild" and the tag.
 
 Every argument after the known ones is ignored, so the test can tag the command line (e.g. with its
 tmp_path) to find leaked processes. It prints a few recognisable log lines to stderr.
@@ -25,7 +28,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", required=True, choices=["never-ready", "ignore-sigterm", "drop-requests"])
+    p.add_argument("--mode", required=True, choices=["never-ready", "ignore-sigterm", "drop-requests", "escape"])
     p.add_argument("--tag", default="")
     args, _ = p.parse_known_args()
 
@@ -40,6 +43,14 @@ def main():
              "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)",
              "fault-injection-grandchild", args.tag])
         log(f"grandchild pid {child.pid}")
+
+    if args.mode == "escape":
+        child = subprocess.Popen(
+            [sys.executable, "-c",
+             "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)",
+             "fault-injection-escaped-grandchild", args.tag],
+            start_new_session=True)
+        log(f"escaped grandchild pid {child.pid} (own session and process group)")
 
     class H(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

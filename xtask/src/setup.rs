@@ -36,7 +36,44 @@ pub fn run(dev: &Dev) -> Result<()> {
         generated(dev, name, preset, *seed)?;
     }
     llama_server(dev)?;
+    runtime_user()?;
     done("setup", t, "ready");
+    Ok(())
+}
+
+/// The unprivileged user runtimes run as (`hearth-runtime`), when setup runs as root and it is missing.
+/// Without root there is nothing to do: hearth then runs runtimes as its own user.
+fn runtime_user() -> Result<()> {
+    const USER: &str = "hearth-runtime";
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    if nix::unistd::User::from_name(USER)
+        .context("looking up the hearth-runtime user")?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let t = step("runtime user: creating the system user hearth-runtime");
+    let status = util::status(
+        "useradd",
+        Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+            USER,
+        ]),
+    )?;
+    if !status.success() {
+        bail!(
+            "useradd hearth-runtime failed ({status}); create the user or set run_as in the config"
+        );
+    }
+    done("runtime user", t, "created");
     Ok(())
 }
 
