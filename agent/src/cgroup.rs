@@ -149,6 +149,9 @@ pub trait CgroupManager: Send + Sync + fmt::Debug {
     fn open(&self, name: &str) -> Result<RuntimeCgroup, CgroupError>;
     /// Names of the runtime cgroups present under the base.
     fn list(&self) -> Result<Vec<String>, CgroupError>;
+    /// The controllers runtime cgroups can use here (v2: those of the anchor's
+    /// `cgroup.controllers`, i.e. delegated to hearth; v1: the mounted hierarchies).
+    fn controllers(&self) -> Vec<String>;
 
     /// Kills and removes every runtime cgroup under the base (left by a previous instance that
     /// crashed or was `kill -9`ed) and returns their names. Call it at start, before any spawn.
@@ -796,12 +799,32 @@ impl V2Manager {
                 Err(CgroupError::Io { source, .. })
                     if i == 0 && source.raw_os_error() == Some(libc::EBUSY) =>
                 {
+                    // Other processes of the cgroup may fork meanwhile (a shell polling hearth):
+                    // move what is there until the write succeeds.
                     let leaf = dir.join("supervisor");
                     create_dir(name, &leaf)?;
-                    for pid in read_pids(name, &dir.join("cgroup.procs"))? {
-                        write_file(name, &leaf.join("cgroup.procs"), &pid.to_string())?;
+                    let mut attempt = 0;
+                    loop {
+                        for pid in read_pids(name, &dir.join("cgroup.procs"))? {
+                            match write_file(name, &leaf.join("cgroup.procs"), &pid.to_string()) {
+                                Ok(()) => {}
+                                // Exited (or a zombie) meanwhile: nothing to move.
+                                Err(CgroupError::Io { source, .. })
+                                    if source.raw_os_error() == Some(libc::ESRCH) => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        match write_file(name, &sc_path, &line) {
+                            Ok(()) => break,
+                            Err(CgroupError::Io { source, .. })
+                                if attempt < 50 && source.raw_os_error() == Some(libc::EBUSY) =>
+                            {
+                                attempt += 1;
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
-                    write_file(name, &sc_path, &line)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -834,6 +857,12 @@ impl CgroupManager for V2Manager {
 
     fn base_dirs(&self) -> Vec<PathBuf> {
         vec![self.base.clone()]
+    }
+
+    fn controllers(&self) -> Vec<String> {
+        fs::read_to_string(self.anchor.join("cgroup.controllers"))
+            .map(|c| c.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
     }
 
     fn create(&self, name: &str, limits: &Limits) -> Result<RuntimeCgroup, CgroupError> {
@@ -951,6 +980,10 @@ impl CgroupManager for V1Manager {
 
     fn base_dirs(&self) -> Vec<PathBuf> {
         self.bases.iter().map(|(_, _, b)| b.clone()).collect()
+    }
+
+    fn controllers(&self) -> Vec<String> {
+        self.bases.iter().map(|(c, _, _)| c.to_string()).collect()
     }
 
     fn create(&self, name: &str, limits: &Limits) -> Result<RuntimeCgroup, CgroupError> {
@@ -1165,6 +1198,13 @@ pub fn detect_from(
 
     let v2 = |m: &CgroupMount, why: String| -> Result<Detected, CgroupError> {
         let own = own_v2.clone().unwrap_or_else(|| "/".to_string());
+        // A `supervisor` leaf is where a previous hearth moved the processes of its cgroup to
+        // enable controllers (see `ensure_base`): a hearth started from one of them belongs to the
+        // same subtree, and must find its runtimes (and leftovers) there.
+        let own = match own.strip_suffix("/supervisor") {
+            Some(parent) if !parent.is_empty() => parent.to_string(),
+            _ => own,
+        };
         let (anchor, base, placement) = if own == "/" {
             let anchor = m.mount_point.clone();
             let base = anchor.join(base_name).join("runtimes");
@@ -1647,6 +1687,14 @@ mod tests {
         assert_eq!(
             d.manager.base_dirs(),
             vec![PathBuf::from("/sys/fs/cgroup/hearth/runtimes")]
+        );
+        // Started from the leaf a previous hearth moved its cgroup's processes into: same subtree.
+        let d = detect_from(mi, "0::/system.slice/hearth.service/supervisor\n", "hearth").unwrap();
+        assert_eq!(
+            d.manager.base_dirs(),
+            vec![PathBuf::from(
+                "/sys/fs/cgroup/system.slice/hearth.service/runtimes"
+            )]
         );
     }
 

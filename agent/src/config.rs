@@ -122,8 +122,10 @@ impl CgroupMode {
 #[derive(Debug, Clone)]
 pub struct ConfinementConfig {
     pub cgroups: CgroupMode,
-    /// This instance's name in the cgroup tree (`.../<name>/runtimes/<model>`); two hearth
-    /// instances on one host need different names.
+    /// This instance's name in the cgroup tree where hearth has no cgroup of its own to nest in:
+    /// `/<name>/runtimes/<model>` when hearth is in the v2 root cgroup, and below hearth's cgroup of
+    /// each v1 controller. Two instances sharing those need different names. (Below hearth's own v2
+    /// cgroup, e.g. `hearth.service/runtimes/<model>`, instances are apart already.)
     pub cgroup_name: String,
 }
 
@@ -138,9 +140,14 @@ pub enum MemoryMax {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelLimits {
     pub memory_max: MemoryMax,
+    /// Whether `memory_max_mb` was set (a default is dropped where the memory controller is
+    /// missing; an explicit limit then fails the model's starts).
+    pub memory_max_explicit: bool,
     pub cpu_weight: Option<u64>,
     /// In CPUs (1.5 = one and a half CPUs of time per period).
     pub cpu_quota: Option<f64>,
+    /// As configured; where the pids controller is available and this is unset,
+    /// [`DEFAULT_PIDS_MAX`] applies.
     pub pids_max: Option<u64>,
     pub cpuset: Option<String>,
     /// The user the runtime runs as; `None`: the default (`hearth-runtime` if it exists, else
@@ -844,6 +851,7 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
         if queue.timeout.is_zero() {
             problem(problems, label("queue.timeout"), "must be greater than 0");
         }
+        let memory_max_explicit = m.memory_max_mb.is_some();
         let memory_max = match m.memory_max_mb {
             None => MemoryMax::Mb(default_memory_max_mb(memory_mb, headroom)),
             Some(RawMemoryMax::Mb(0)) => {
@@ -888,8 +896,7 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
                 problem(problems, label("pids_max"), "must be at least 1");
                 None
             }
-            Some(v) => Some(v),
-            None => Some(DEFAULT_PIDS_MAX),
+            v => v,
         };
         if let Some(c) = &m.cpuset {
             if !valid_cpuset(c) {
@@ -905,6 +912,7 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
         }
         let limits = ModelLimits {
             memory_max,
+            memory_max_explicit,
             cpu_weight: m.cpu_weight,
             cpu_quota: m.cpu_quota,
             pids_max,
@@ -1077,7 +1085,8 @@ memory_mb = 900
         // 300 MB declared: + max(256, 25 %) headroom
         assert_eq!(a.memory_max, MemoryMax::Mb(556));
         assert_eq!(cfg.models[1].limits.memory_max, MemoryMax::Mb(956));
-        assert_eq!(a.pids_max, Some(DEFAULT_PIDS_MAX));
+        assert_eq!(a.pids_max, None);
+        assert!(!a.memory_max_explicit);
         assert_eq!(a.run_as, None);
 
         let good = GOOD.replace(

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::cgroup::{self, CgroupManager, CpuQuota, Hierarchy, Limits, RuntimeCgroup};
-use crate::config::{CgroupMode, Config, MemoryMax, ModelConfig, ModelLimits};
+use crate::config::{CgroupMode, Config, MemoryMax, ModelConfig, ModelLimits, DEFAULT_PIDS_MAX};
 
 /// The user runtimes run as when hearth is root and the model sets no `run_as`: this one if it
 /// exists (`cargo xtask setup` and the install create it), else `nobody`.
@@ -79,6 +79,8 @@ pub struct ConfinementStatus {
     pub reason: String,
     /// Where runtime cgroups are created.
     pub base: Vec<PathBuf>,
+    /// The controllers runtime cgroups can use (v2: delegated to hearth's cgroup).
+    pub controllers: Vec<String>,
     /// Runtime cgroups of a previous instance killed at start.
     pub leftovers_killed: Vec<String>,
     /// Whether hearth runs as root (and so can switch runtimes to `run_as`).
@@ -105,6 +107,7 @@ impl Confinement {
             cgroups: "off".into(),
             reason: String::new(),
             base: Vec::new(),
+            controllers: Vec::new(),
             leftovers_killed: Vec::new(),
             privileged: euid == 0,
         };
@@ -118,6 +121,15 @@ impl Confinement {
                     status.cgroups = m.kind().to_string();
                     status.reason = reason;
                     status.base = m.base_dirs();
+                    status.controllers = m.controllers();
+                    for (c, what) in [
+                        ("memory", "default memory limits (memory_mb + headroom) and OOM detection are off"),
+                        ("pids", "the default pids_max is not applied"),
+                    ] {
+                        if !status.controllers.iter().any(|x| x == c) {
+                            tracing::warn!(controller = c, available = ?status.controllers, "the {c} controller is not available to runtime cgroups here: {what}; explicit limits that need it fail the model's starts");
+                        }
+                    }
                     match m.cleanup_leftovers() {
                         Ok(killed) => {
                             if !killed.is_empty() {
@@ -165,6 +177,7 @@ impl Confinement {
                 cgroups: "off".into(),
                 reason: "unconfined".into(),
                 base: Vec::new(),
+                controllers: Vec::new(),
                 leftovers_killed: Vec::new(),
                 privileged: false,
             },
@@ -206,7 +219,10 @@ impl Confinement {
             .map(|c| c.home.clone().into_os_string())
             .unwrap_or_else(|| self.home_env.clone());
         env.push(("HOME".into(), home));
-        let limits = limits_of(&m.limits);
+        let limits = match &self.manager {
+            Some(_) => limits_of(&m.limits, &self.status.controllers),
+            None => Limits::default(),
+        };
         let cgroup = match &self.manager {
             Some(mgr) => Some(
                 mgr.create(&cgroup_name(index, &m.id), &limits)
@@ -223,10 +239,7 @@ impl Confinement {
             credentials,
             cap_last,
             env,
-            memory_max_mb: match (&self.manager, m.limits.memory_max) {
-                (Some(_), MemoryMax::Mb(v)) => Some(v),
-                _ => None,
-            },
+            memory_max_mb: limits.memory_max_bytes.map(|b| b / (1024 * 1024)),
         })
     }
 }
@@ -260,19 +273,24 @@ pub fn cgroup_name(index: usize, id: &str) -> String {
     format!("{index}-{}", clean.trim_start_matches('.'))
 }
 
-/// The cgroup limits of a model entry.
-pub fn limits_of(l: &ModelLimits) -> Limits {
+/// The cgroup limits of a model entry, given the controllers available: defaults (memory_max_mb,
+/// pids_max) are left out where their controller is missing; explicit limits stay (and fail
+/// clearly at creation).
+pub fn limits_of(l: &ModelLimits, controllers: &[String]) -> Limits {
+    let has = |c: &str| controllers.iter().any(|x| x == c);
     Limits {
         memory_max_bytes: match l.memory_max {
-            MemoryMax::Mb(mb) => Some(mb * 1024 * 1024),
-            MemoryMax::Unlimited => None,
+            MemoryMax::Mb(mb) if l.memory_max_explicit || has("memory") => Some(mb * 1024 * 1024),
+            _ => None,
         },
         cpu_weight: l.cpu_weight,
         cpu_quota: l.cpu_quota.map(|cpus| CpuQuota {
             quota_us: ((cpus * 100_000.0).round() as u64).max(1000),
             period_us: 100_000,
         }),
-        pids_max: l.pids_max,
+        pids_max: l
+            .pids_max
+            .or_else(|| has("pids").then_some(DEFAULT_PIDS_MAX)),
         cpuset: l.cpuset.clone(),
     }
 }
@@ -403,11 +421,12 @@ pub fn check_access(c: &Credentials, path: &Path, want: Access) -> Result<(), St
 
 /// Drops root for the runtime, in the `pre_exec` closure *after* [`cgroup::join_self`]: empties the
 /// capability bounding set (`cap_last`: the highest capability number; `None` leaves it), then no
-/// supplementary groups, `gid`, `uid`, and `no_new_privs` (setuid binaries and file capabilities
-/// cannot give anything back). Changing the uid of a root process clears its permitted, effective
-/// and ambient capability sets.
+/// supplementary groups, `gid`, `uid`, an empty inheritable set, and `no_new_privs` (setuid binaries
+/// and file capabilities cannot give anything back). Changing the uid of a root process clears its
+/// permitted, effective and ambient capability sets.
 ///
-/// Async-signal-safe: only `prctl`, `setgroups`, `setgid` and `setuid` calls, no allocation.
+/// Async-signal-safe: only `prctl`, `setgroups`, `setgid`, `setuid` and `capset` calls on stack
+/// data, no allocation.
 ///
 /// This exists because `std::process::Command::uid`/`gid` (and tokio's) are applied in the child
 /// *before* `pre_exec` closures run, so the join would then be attempted as the unprivileged user
@@ -431,9 +450,37 @@ pub fn drop_privileges(uid: u32, gid: u32, cap_last: Option<u32>) -> io::Result<
         {
             return Err(io::Error::last_os_error());
         }
+        // The uid change cleared the permitted, effective and ambient sets; clear the inheritable
+        // set too (dropping capabilities is always allowed).
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [CapData::default(); 2];
+        if libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     set_no_new_privs()
 }
+
+/// `struct __user_cap_header_struct` of `<linux/capability.h>`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two of them (capabilities 0-31 and 32-63).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// `PR_SET_NO_NEW_PRIVS`; async-signal-safe.
 pub fn set_no_new_privs() -> io::Result<()> {
@@ -459,14 +506,21 @@ mod tests {
 
     #[test]
     fn limits_convert_units() {
-        let l = limits_of(&ModelLimits {
-            memory_max: MemoryMax::Mb(512),
-            cpu_weight: Some(200),
-            cpu_quota: Some(1.5),
-            pids_max: Some(64),
-            cpuset: Some("0-1".into()),
-            run_as: None,
-        });
+        let all: Vec<String> = ["memory", "cpu", "pids", "cpuset"]
+            .map(String::from)
+            .to_vec();
+        let l = limits_of(
+            &ModelLimits {
+                memory_max: MemoryMax::Mb(512),
+                memory_max_explicit: false,
+                cpu_weight: Some(200),
+                cpu_quota: Some(1.5),
+                pids_max: Some(64),
+                cpuset: Some("0-1".into()),
+                run_as: None,
+            },
+            &all,
+        );
         assert_eq!(l.memory_max_bytes, Some(512 * 1024 * 1024));
         assert_eq!(
             l.cpu_quota,
@@ -477,15 +531,35 @@ mod tests {
         );
         assert_eq!(l.cpu_weight, Some(200));
         assert_eq!(l.pids_max, Some(64));
-        let l = limits_of(&ModelLimits {
+        let none = ModelLimits {
             memory_max: MemoryMax::Unlimited,
+            memory_max_explicit: true,
             cpu_weight: None,
             cpu_quota: None,
             pids_max: None,
             cpuset: None,
             run_as: None,
-        });
-        assert_eq!(l, Limits::default());
+        };
+        // The default pids_max applies where the controller is there.
+        let l = limits_of(&none, &all);
+        assert_eq!(l.pids_max, Some(DEFAULT_PIDS_MAX));
+        assert_eq!(l.memory_max_bytes, None);
+        // Defaults are dropped where their controller is missing; explicit limits stay.
+        assert_eq!(limits_of(&none, &[]), Limits::default());
+        let default_mem = ModelLimits {
+            memory_max: MemoryMax::Mb(300),
+            memory_max_explicit: false,
+            ..none.clone()
+        };
+        assert_eq!(limits_of(&default_mem, &[]).memory_max_bytes, None);
+        let explicit_mem = ModelLimits {
+            memory_max_explicit: true,
+            ..default_mem
+        };
+        assert_eq!(
+            limits_of(&explicit_mem, &[]).memory_max_bytes,
+            Some(300 * 1024 * 1024)
+        );
     }
 
     #[test]

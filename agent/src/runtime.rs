@@ -686,6 +686,7 @@ mod tests {
             },
             limits: crate::config::ModelLimits {
                 memory_max: crate::config::MemoryMax::Unlimited,
+                memory_max_explicit: false,
                 cpu_weight: None,
                 cpu_quota: None,
                 pids_max: None,

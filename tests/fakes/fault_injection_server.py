@@ -10,6 +10,8 @@ Modes (--mode):
   escape          ready at once; forks a grandchild that leaves the process group and the session
                   (setsid) and ignores SIGTERM: only a cgroup-wide kill reaches it. Its command line
                   carries "fault-injection-escaped-grandchild" and the tag.
+  alloc           allocates and touches --alloc-mb MB before it listens (a runtime that blows its
+                  memory limit while loading), then serves like the default.
 
 Every argument after the known ones is ignored, so the test can tag the command line (e.g. with its
 tmp_path) to find leaked processes. It prints a few recognisable log lines to stderr.
@@ -28,7 +30,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", required=True, choices=["never-ready", "ignore-sigterm", "drop-requests", "escape"])
+    p.add_argument("--mode", required=True, choices=["never-ready", "ignore-sigterm", "drop-requests", "escape", "alloc"])
+    p.add_argument("--alloc-mb", type=int, default=0)
     p.add_argument("--tag", default="")
     args, _ = p.parse_known_args()
 
@@ -43,6 +46,11 @@ def main():
              "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)",
              "fault-injection-grandchild", args.tag])
         log(f"grandchild pid {child.pid}")
+
+    if args.mode == "alloc":
+        log(f"allocating {args.alloc_mb} MB")
+        hog = bytearray(b"\x01") * (args.alloc_mb * 1024 * 1024)  # written, so resident
+        log(f"allocated {len(hog) // (1024 * 1024)} MB")
 
     if args.mode == "escape":
         child = subprocess.Popen(
