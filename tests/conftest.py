@@ -427,13 +427,14 @@ class HearthFactory:
         m.update(overrides)
         return {k: v for k, v in m.items() if v is not None}
 
-    def fake(self, model_id: str, mode: str, **overrides) -> dict:
+    def fake(self, model_id: str, mode: str, command_extra: list[str] | None = None,
+             **overrides) -> dict:
         m = {
             "id": model_id,
             "runtime": "command",
             "command": [FAKE_PYTHON, str(FAKES_DIR / "fault_injection_server.py"),
                         "--host", "{host}", "--port", "{port}", "--mode", mode,
-                        "--tag", str(self.tmp_path) + os.sep],
+                        *(command_extra or []), "--tag", str(self.tmp_path) + os.sep],
             "health_path": "/health",
             "memory_mb": 10,
             "context_length": 2048,

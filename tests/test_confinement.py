@@ -256,3 +256,18 @@ def test_required_cgroups_refuse_to_start_without_them(hearth):
     assert rc != 0
     log = h.log_text()
     assert 'confinement.cgroups = "required" but runtime cgroups cannot be used here' in log, log
+
+
+def test_oom_while_serving_names_the_limit_to_the_request_in_flight(hearth):
+    """A runtime OOM-killed while it serves: the request in flight gets a 502 that names the model and
+    the limit, the model is failed with the reason, and the next request starts it again."""
+    h = hearth([hearth.fake("hogger", "alloc-on-request", memory_max_mb=100,
+                            command_extra=["--alloc-mb", "300"])])
+    r = h.http.post("/v1/chat/completions", timeout=60, json={
+        "model": "hogger", "messages": [{"role": "user", "content": "hi"}]})
+    err = assert_error(r, 502, "upstream_error")
+    assert "model hogger" in err["message"] and "oom: limit 100 MB" in err["message"], err
+    m = h.wait_model("hogger", lambda x: x["state"] in ("failed", "cold", "starting", "ready")
+                     and x["oom_kills_total"] >= 1, timeout=10, what="the OOM to be recorded")
+    assert "oom: limit 100 MB" in (m["last_error"] or ""), m
+    assert 'hearth_runtime_failures_total{model="hogger",reason="oom"} 1' in h.metrics()

@@ -12,6 +12,8 @@ Modes (--mode):
                   carries "fault-injection-escaped-grandchild" and the tag.
   alloc           allocates and touches --alloc-mb MB before it listens (a runtime that blows its
                   memory limit while loading), then serves like the default.
+  alloc-on-request  ready at once; every POST allocates and touches --alloc-mb MB before answering
+                  (a runtime that blows its memory limit while serving).
 
 Every argument after the known ones is ignored, so the test can tag the command line (e.g. with its
 tmp_path) to find leaked processes. It prints a few recognisable log lines to stderr.
@@ -30,7 +32,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", required=True, choices=["never-ready", "ignore-sigterm", "drop-requests", "escape", "alloc"])
+    p.add_argument("--mode", required=True, choices=["never-ready", "ignore-sigterm", "drop-requests", "escape", "alloc", "alloc-on-request"])
     p.add_argument("--alloc-mb", type=int, default=0)
     p.add_argument("--tag", default="")
     args, _ = p.parse_known_args()
@@ -90,6 +92,10 @@ def main():
             n = int(self.headers.get("Content-Length") or 0)
             if n:
                 self.rfile.read(n)
+            if args.mode == "alloc-on-request":
+                log(f"FAULT-INJECTION-MARKER allocating {args.alloc_mb} MB for a request")
+                hog = bytearray(b"\x01") * (args.alloc_mb * 1024 * 1024)
+                log(f"allocated {len(hog) // (1024 * 1024)} MB")
             if args.mode == "drop-requests":
                 log("FAULT-INJECTION-MARKER dropping connection")
                 try:
