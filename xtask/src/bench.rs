@@ -338,6 +338,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn build_hearth(root: &Path) -> Result<()> {
+    // hearth embeds target/ebpf/hearth-ebpf.o (agent/build.rs): build it first (fast when up to date).
+    crate::ebpf::build(root)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("bench: cargo build --release -p hearth");
     let status = Command::new(cargo)

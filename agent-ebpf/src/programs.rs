@@ -1,0 +1,188 @@
+//! The BPF programs, maps and globals (compiled for `target_arch = "bpf"` only).
+
+// Map keys and values are passed by reference: by value they would be copied onto the 512-byte BPF
+// stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{cgroup_skb, map, tracepoint};
+use aya_ebpf::maps::{LruHashMap, RingBuf};
+use aya_ebpf::programs::{SkBuffContext, TracePointContext};
+use aya_ebpf::EbpfContext;
+use hearth_common::{
+    FlowEvent, FlowKey, FlowStats, AF_INET, AF_INET6, EVENTS_BYTES, MAX_FLOWS, MAX_PORTS,
+};
+
+use crate::flow::{self, Direction, SockStateRecord, IPPROTO_TCP};
+
+/// Per-flow counters (`names::FLOWS`). LRU: flows nobody reads any more age out.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Open/close events of connections to the gateway ports (`names::EVENTS`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// The gateway's listening ports (`names::GATEWAY_PORTS`), the first `N_PORTS` used. Set by the loader
+/// (`EbpfLoader::override_global`); read only with `read_volatile` so the compiler cannot fold the
+/// zero initial value into the code.
+#[unsafe(no_mangle)]
+static GATEWAY_PORTS: [u16; MAX_PORTS] = [0; MAX_PORTS];
+
+/// How many entries of `GATEWAY_PORTS` are used (`names::N_PORTS`).
+#[unsafe(no_mangle)]
+static N_PORTS: u32 = 0;
+
+/// The kernel needs a license string; only helpers that are not GPL-only are used (map access,
+/// `bpf_skb_load_bytes`, `bpf_ktime_get_ns`, ring buffer; tracepoint fields are read straight from the
+/// context), so the project's own license works. A GPL-only helper would need a GPL-compatible string.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";
+
+#[cgroup_skb(ingress)]
+pub fn hearth_ingress(ctx: SkBuffContext) -> i32 {
+    count(&ctx, Direction::In);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn hearth_egress(ctx: SkBuffContext) -> i32 {
+    count(&ctx, Direction::Out);
+    1
+}
+
+/// Adds a TCP packet (the skb starts at the IP header in `cgroup_skb`) to its flow in `FLOWS`.
+#[inline(always)]
+fn count(ctx: &SkBuffContext, dir: Direction) -> Option<()> {
+    let b0: u8 = ctx.load(0).ok()?;
+    let (family, src, dst, l4) = match b0 >> 4 {
+        4 => {
+            let ihl = flow::ipv4_header_len(b0)?;
+            let proto: u8 = ctx.load(9).ok()?;
+            if proto != IPPROTO_TCP {
+                return None;
+            }
+            let src: [u8; 4] = ctx.load(12).ok()?;
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            (AF_INET, flow::v4(src), flow::v4(dst), ihl)
+        }
+        6 => {
+            // TCP right after the fixed header; packets with extension headers are not counted.
+            let next: u8 = ctx.load(6).ok()?;
+            if next != IPPROTO_TCP {
+                return None;
+            }
+            let src: [u8; 16] = ctx.load(8).ok()?;
+            let dst: [u8; 16] = ctx.load(24).ok()?;
+            (AF_INET6, src, dst, 40)
+        }
+        _ => return None,
+    };
+    let ports: [u8; 4] = ctx.load(l4).ok()?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let key = flow::packet_key(family, src, dst, sport, dport, dir);
+    let len = u64::from(ctx.len());
+    // SAFETY: a BPF helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(stats) = FLOWS.get_ptr_mut(&key) {
+        add(stats, dir, len, now);
+        return Some(());
+    }
+    let mut init = FlowStats {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        ..FlowStats::default()
+    };
+    match dir {
+        Direction::In => {
+            init.bytes_in = len;
+            init.packets_in = 1;
+        }
+        Direction::Out => {
+            init.bytes_out = len;
+            init.packets_out = 1;
+        }
+    }
+    if FLOWS.insert(&key, &init, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU inserted it first (or the map is full of entries it could not evict).
+        let stats = FLOWS.get_ptr_mut(&key)?;
+        add(stats, dir, len, now);
+    }
+    Some(())
+}
+
+/// Atomic adds on an entry other CPUs may update at the same time: `lock *(u64 *)(r + off) += r'`
+/// (BPF_ATOMIC | BPF_ADD without BPF_FETCH, as the result is unused).
+#[inline(always)]
+fn add(stats: *mut FlowStats, dir: Direction, len: u64, now: u64) {
+    // SAFETY: `stats` is a map value pointer from a successful lookup: valid, 8-byte aligned and
+    // alive for this program's run; the counters are only ever updated atomically.
+    unsafe {
+        let (bytes, packets) = match dir {
+            Direction::In => (&raw mut (*stats).bytes_in, &raw mut (*stats).packets_in),
+            Direction::Out => (&raw mut (*stats).bytes_out, &raw mut (*stats).packets_out),
+        };
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, len);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
+        // A plain aligned 64-bit store (one instruction; an atomic store does not compile for the
+        // BPF CPU the target uses): the last writer wins, which is what "last seen" means.
+        core::ptr::write_volatile(&raw mut (*stats).last_seen_ns, now);
+    }
+}
+
+#[tracepoint]
+pub fn hearth_sock_state(ctx: TracePointContext) -> u32 {
+    sock_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn sock_state(ctx: &TracePointContext) -> Option<()> {
+    // SAFETY: a tracepoint program may read its context directly; the verifier checks the offsets
+    // (within the record, past the common fields, aligned).
+    let r: SockStateRecord = unsafe {
+        core::ptr::read(
+            ctx.as_ptr()
+                .cast::<u8>()
+                .add(flow::SOCK_STATE_OFFSET)
+                .cast::<SockStateRecord>(),
+        )
+    };
+    if r.protocol != u16::from(IPPROTO_TCP) {
+        return None;
+    }
+    let kind = flow::event_kind(r.oldstate, r.newstate)?;
+    // SAFETY: volatile reads of globals the loader fills in before loading; the index is < MAX_PORTS.
+    let n = unsafe { core::ptr::read_volatile(&raw const N_PORTS) };
+    let gateway = flow::is_gateway_port(n, r.sport, |i| unsafe {
+        core::ptr::read_volatile(GATEWAY_PORTS.as_ptr().add(i))
+    });
+    if !gateway {
+        return None;
+    }
+    let key = flow::socket_key(&r)?;
+    let mut entry = EVENTS.reserve::<FlowEvent>(0)?;
+    entry.write(FlowEvent {
+        key,
+        kind,
+        _pad: 0,
+        // SAFETY: a BPF helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    });
+    entry.submit(0);
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // Nothing can panic in these programs; were a panic path left in, this loop would make the
+    // verifier reject the program instead of hiding the bug.
+    loop {}
+}

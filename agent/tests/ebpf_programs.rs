@@ -1,0 +1,419 @@
+//! The kernel programs of `agent-ebpf/` for real: loads the object hearth embeds
+//! (`target/ebpf/hearth-ebpf.o`, via agent/build.rs) with aya, attaches `hearth_ingress` /
+//! `hearth_egress` to a fresh child cgroup of the cgroup2 hierarchy and `hearth_sock_state` to
+//! `sock/inet_sock_set_state`, runs a TCP server (python3) inside that cgroup on a gateway port, talks
+//! to it from outside, and checks `FLOWS` and `EVENTS`.
+//!
+//! Needs root and the object. Without either it is SKIPPED with a loud message (on stderr, past the
+//! harness's capture), unless `HEARTH_EBPF_REQUIRED=1` (set by `cargo xtask test` when it runs as
+//! root, after setup built the object), which turns the skip into a failure.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
+use aya::EbpfLoader;
+use hearth_common::{
+    names, FlowEvent, FlowKey, FlowStats, AF_INET, AF_INET6, EVENT_CLOSE, EVENT_OPEN, MAX_PORTS,
+};
+
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth-ebpf.o"));
+
+/// Bytes the client sends to the server, and the server back, on each connection.
+const TO_SERVER: usize = 300_000;
+const TO_CLIENT: usize = 120_000;
+/// Upper bound of IP + TCP header bytes per counted packet (skb): 20 (IPv4) or 40 (IPv6) + 20 TCP +
+/// at most 40 bytes of options (a SYN's MSS, SACK-permitted, timestamps and window scale take 20; data
+/// segments carry 12 of timestamps) = 100 at the very most.
+const HEADER_BOUND: u64 = 100;
+
+const SERVER: &str = r#"
+import socket, sys
+port, family, conns, to_server, to_client = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+port = int(port)
+sys.stdin.readline()  # the test moves this process into the cgroup first: sockets take the cgroup
+if family == "6":     # of their creator, accepted ones that of their listener
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack: IPv4 peers are ::ffff:a.b.c.d
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", port))
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+s.listen(8)
+print("ready", flush=True)
+for _ in range(conns):
+    c, _ = s.accept()
+    got = 0
+    while got < to_server:
+        b = c.recv(65536)
+        if not b:
+            sys.exit(f"server: the client closed after {got} bytes")
+        got += len(b)
+    c.sendall(b"y" * to_client)
+    while c.recv(65536):  # until the client closes
+        pass
+    c.close()
+s.close()
+"#;
+
+#[test]
+fn programs_count_gateway_flows_and_report_open_and_close() {
+    if let Some(reason) = skip_reason() {
+        if std::env::var_os("HEARTH_EBPF_REQUIRED").is_some_and(|v| v == "1") {
+            panic!("HEARTH_EBPF_REQUIRED=1 but the eBPF test cannot run: {reason}");
+        }
+        // Straight to stderr, past the test harness's output capture, so the skip is seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n=== SKIPPED agent/tests/ebpf_programs.rs: {reason} ===\n"
+        );
+        return;
+    }
+
+    let ipv6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok();
+    let port = free_port(ipv6);
+    let mut ports = [0u16; MAX_PORTS];
+    ports[0] = port;
+    let n_ports: u32 = 1;
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::GATEWAY_PORTS, &ports, true)
+        .override_global(names::N_PORTS, &n_ports, true)
+        .load(OBJECT)
+        .expect("loading the eBPF object");
+
+    let cgroup = TestCgroup::create();
+    let cgroup_dir = fs::File::open(&cgroup.path).expect("opening the cgroup directory");
+    for (name, attach_type) in [
+        (names::INGRESS, CgroupSkbAttachType::Ingress),
+        (names::EGRESS, CgroupSkbAttachType::Egress),
+    ] {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
+            .try_into()
+            .expect("a cgroup_skb program");
+        prog.load()
+            .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+        prog.attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
+            .unwrap_or_else(|e| panic!("attaching {name}: {e:?}"));
+    }
+    ensure_tracefs();
+    check_tracepoint_format();
+    let tp: &mut TracePoint = ebpf
+        .program_mut(names::SOCK_STATE)
+        .expect("no program hearth_sock_state")
+        .try_into()
+        .expect("a tracepoint program");
+    tp.load().expect("loading hearth_sock_state");
+    tp.attach("sock", "inet_sock_set_state")
+        .expect("attaching hearth_sock_state");
+
+    // The server inside the cgroup, the client (this process) outside it.
+    let targets: Vec<IpAddr> = if ipv6 {
+        vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+    } else {
+        eprintln!("ebpf_programs: no IPv6 on loopback, testing IPv4 only");
+        vec![Ipv4Addr::LOCALHOST.into()]
+    };
+    let mut server = Server::start(port, ipv6, targets.len(), &cgroup);
+    let mut clients = Vec::new();
+    for ip in &targets {
+        let mut s = TcpStream::connect((*ip, port)).expect("connecting to the server");
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        s.write_all(&vec![b'x'; TO_SERVER]).expect("sending");
+        let mut back = vec![0u8; TO_CLIENT];
+        s.read_exact(&mut back).expect("receiving");
+        clients.push(s.local_addr().expect("client address"));
+        drop(s);
+    }
+    server.wait();
+
+    let keys: Vec<FlowKey> = clients.iter().map(|c| key(port, *c)).collect();
+
+    // EVENTS: the server socket's CLOSE comes with the client's last ACK; poll for a while.
+    let mut ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).expect("no map EVENTS"))
+        .expect("EVENTS is a ring buffer");
+    let mut events: Vec<FlowEvent> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), size_of::<FlowEvent>(), "event size");
+            // SAFETY: FlowEvent is plain old data of exactly this size; read unaligned.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        let closed = keys
+            .iter()
+            .all(|k| events.iter().any(|e| e.key == *k && e.kind == EVENT_CLOSE));
+        if closed || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let flows: HashMap<_, FlowKey, FlowStats> =
+        HashMap::try_from(ebpf.map(names::FLOWS).expect("no map FLOWS")).expect("FLOWS is a hash");
+    for (client, k) in clients.iter().zip(&keys) {
+        let what = format!("flow {client} -> port {port}");
+        let opens = events
+            .iter()
+            .filter(|e| e.key == *k && e.kind == EVENT_OPEN)
+            .count();
+        let closes = events
+            .iter()
+            .filter(|e| e.key == *k && e.kind == EVENT_CLOSE)
+            .count();
+        assert_eq!(
+            (opens, closes),
+            (1, 1),
+            "{what}: OPEN/CLOSE events; all events: {events:#?}"
+        );
+        let open = events.iter().find(|e| e.key == *k && e.kind == EVENT_OPEN);
+        let close = events.iter().find(|e| e.key == *k && e.kind == EVENT_CLOSE);
+        let (open, close) = (open.expect("open"), close.expect("close"));
+        assert!(open.ts_ns > 0 && open.ts_ns <= close.ts_ns, "{what}: times");
+
+        let st = flows
+            .get(k, 0)
+            .unwrap_or_else(|e| panic!("{what}: no FLOWS entry for {k:?}: {e}"));
+        eprintln!(
+            "ebpf_programs: {what}: payload in {TO_SERVER} / counted bytes_in {} in {} packets; \
+             payload out {TO_CLIENT} / counted bytes_out {} in {} packets",
+            st.bytes_in, st.packets_in, st.bytes_out, st.packets_out
+        );
+        check_counter(&what, "in", st.bytes_in, st.packets_in, TO_SERVER);
+        check_counter(&what, "out", st.bytes_out, st.packets_out, TO_CLIENT);
+        assert!(
+            st.first_seen_ns > 0 && st.first_seen_ns <= st.last_seen_ns,
+            "{what}: times {st:?}"
+        );
+        // The SYN is counted before the socket is ESTABLISHED; the last packet (the client's last
+        // ACK) is counted on its way in, before it moves the socket to CLOSE.
+        assert!(
+            st.first_seen_ns <= open.ts_ns && st.last_seen_ns <= close.ts_ns,
+            "{what}: packet times around the events: {st:?} {open:?} {close:?}"
+        );
+    }
+    // Only the server's sockets are in the cgroup: every flow counted is one of ours (the client side
+    // of the same connections is not counted a second time).
+    let counted: Vec<FlowKey> = flows.keys().map(|k| k.expect("key")).collect();
+    for k in &counted {
+        assert!(keys.contains(k), "unexpected flow {k:?} in FLOWS");
+    }
+    assert_eq!(counted.len(), keys.len(), "{counted:?}");
+    drop(ebpf); // detaches everything before the cgroup goes
+}
+
+fn check_counter(what: &str, dir: &str, bytes: u64, packets: u64, payload: usize) {
+    let payload = payload as u64;
+    assert!(
+        packets >= 2,
+        "{what}: {dir}: {packets} packets (at least the handshake and data)"
+    );
+    assert!(
+        bytes >= payload,
+        "{what}: {dir}: {bytes} bytes counted < payload {payload}"
+    );
+    assert!(
+        bytes <= payload + packets * HEADER_BOUND,
+        "{what}: {dir}: {bytes} bytes counted > payload {payload} + {packets} packets * \
+         {HEADER_BOUND} bytes of headers"
+    );
+}
+
+/// The key the programs build for the server side of the connection from `client`.
+fn key(port: u16, client: SocketAddr) -> FlowKey {
+    let (family, local, remote) = match client.ip() {
+        IpAddr::V4(ip) => {
+            let mut l = [0u8; 16];
+            l[..4].copy_from_slice(&Ipv4Addr::LOCALHOST.octets());
+            let mut r = [0u8; 16];
+            r[..4].copy_from_slice(&ip.octets());
+            (AF_INET, l, r)
+        }
+        IpAddr::V6(ip) => (AF_INET6, Ipv6Addr::LOCALHOST.octets(), ip.octets()),
+    };
+    FlowKey {
+        local_addr: local,
+        remote_addr: remote,
+        local_port: port,
+        remote_port: client.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn skip_reason() -> Option<String> {
+    if env!("HEARTH_EBPF_BUILT") != "1" || OBJECT.is_empty() {
+        return Some(
+            "hearth was built without its eBPF object (target/ebpf/hearth-ebpf.o is missing: \
+             run `cargo xtask build-ebpf`, then rerun the test)"
+                .into(),
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (loading BPF programs and creating cgroups needs root)".into());
+    }
+    if cgroup2_mount().is_none() {
+        return Some("no cgroup2 hierarchy is mounted (/proc/self/mountinfo)".into());
+    }
+    None
+}
+
+/// A port free on both loopbacks (the dual-stack server binds `::`).
+fn free_port(ipv6: bool) -> u16 {
+    for _ in 0..20 {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        if !ipv6 || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// The mount point of the cgroup2 hierarchy (/sys/fs/cgroup on pure v2, /sys/fs/cgroup/unified on
+/// hybrid systems).
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next() != Some("cgroup2") {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// A child cgroup of the cgroup2 root, removed on drop.
+struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    fn create() -> Self {
+        let root = cgroup2_mount().expect("cgroup2 mount");
+        let path = root.join(format!("hearth-ebpf-test-{}", std::process::id()));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The server has exited (or is killed by Server's drop, which runs first); retry briefly
+        // while the kernel finishes removing it.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("ebpf_programs: could not remove {}", self.path.display());
+    }
+}
+
+/// The python3 TCP server, moved into the cgroup before it creates its socket.
+struct Server {
+    child: Child,
+    _stdin: ChildStdin,
+}
+
+impl Server {
+    fn start(port: u16, ipv6: bool, conns: usize, cgroup: &TestCgroup) -> Self {
+        let mut child = Command::new("python3")
+            .args(["-c", SERVER])
+            .arg(port.to_string())
+            .arg(if ipv6 { "6" } else { "4" })
+            .arg(conns.to_string())
+            .arg(TO_SERVER.to_string())
+            .arg(TO_CLIENT.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting python3");
+        fs::write(cgroup.path.join("cgroup.procs"), child.id().to_string())
+            .expect("moving the server into the cgroup");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").expect("starting the server");
+        stdin.flush().ok();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading the server's output");
+        assert_eq!(line.trim(), "ready", "the server did not start");
+        Self {
+            child,
+            _stdin: stdin,
+        }
+    }
+
+    fn wait(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the server") {
+                assert!(status.success(), "the server failed: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the server did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Tracepoints need tracefs, which a fresh machine does not mount.
+fn ensure_tracefs() {
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        return;
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .expect("running mount");
+    assert!(status.success(), "mounting tracefs failed: {status}");
+}
+
+/// The record layout `hearth_sock_state` reads (agent-ebpf/src/flow.rs, `SockStateRecord`).
+fn check_tracepoint_format() {
+    let format = fs::read_to_string("/sys/kernel/tracing/events/sock/inet_sock_set_state/format")
+        .expect("the format of sock/inet_sock_set_state");
+    for (field, offset) in [
+        ("skaddr", 8),
+        ("oldstate", 16),
+        ("newstate", 20),
+        ("sport", 24),
+        ("dport", 26),
+        ("family", 28),
+        ("protocol", 30),
+        ("saddr[4]", 32),
+        ("daddr[4]", 36),
+        ("saddr_v6[16]", 40),
+        ("daddr_v6[16]", 56),
+    ] {
+        let line = format
+            .lines()
+            .find(|l| l.contains(&format!(" {field};")))
+            .unwrap_or_else(|| panic!("no field {field} in the tracepoint format:\n{format}"));
+        assert!(
+            line.contains(&format!("offset:{offset};")),
+            "field {field} moved: {line}"
+        );
+    }
+}
