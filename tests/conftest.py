@@ -474,6 +474,18 @@ class HearthFactory:
         self.instances.append(h)
         return h.start(wait=wait)
 
+    def restart(self, old: "Hearth", wait: bool = True) -> "Hearth":
+        """A new daemon on `old`'s config and port (after the test killed `old`)."""
+        if old.proc is not None and old.proc.poll() is not None:
+            old._poll_stop.set()
+            old.stopped = True
+        h = Hearth(bin_path=old.bin, config_path=old.config_path,
+                   log_path=self.tmp_path / f"hearth{len(self.instances)}.log", port=old.port,
+                   api_key=old.api_key, workdir=self.tmp_path, model_ids=old.model_ids,
+                   wrap=old.wrap)
+        self.instances.append(h)
+        return h.start(wait=wait)
+
     def teardown(self) -> list[str]:
         problems = []
         for h in self.instances:

@@ -23,6 +23,74 @@ pub async fn status(State(st): State<Arc<AppState>>) -> Result<Json<StatusReport
     })
 }
 
+/// GET /hearth/v1/sessions
+pub async fn sessions(
+    State(st): State<Arc<AppState>>,
+) -> Result<Json<crate::sensor::SessionsReport>, ApiError> {
+    st.sensor.report().await.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "hearth is shutting down",
+        )
+    })
+}
+
+/// POST /hearth/v1/activity: a remote sensor's report (token from `[sensor] accept_tokens`).
+pub async fn activity(
+    State(st): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let tokens = &st.config.sensor.accept_tokens;
+    if tokens.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "remote_sensors_disabled",
+            "this agent accepts no remote sensor reports (set [sensor] accept_tokens)",
+        ));
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = tokens.iter().any(|t| {
+        use subtle::ConstantTimeEq;
+        bool::from(t.as_bytes().ct_eq(given.as_bytes()))
+    });
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "missing or wrong sensor token (Authorization: Bearer <one of [sensor] accept_tokens>)",
+        ));
+    }
+    let report: crate::sensor::Report = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("not a sensor report: {e}"),
+        )
+    })?;
+    if report.source.is_empty() || report.source == "local" || report.source.contains('/') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid sensor name {:?}", report.source),
+        ));
+    }
+    let n = report.batches.len();
+    if !st.sensor.accept(report).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "hearth is shutting down",
+        ));
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted_batches": n}))))
+}
+
 /// POST /hearth/v1/models/{id}/load
 pub async fn load(
     State(st): State<Arc<AppState>>,

@@ -195,12 +195,53 @@ pub struct ModelConfig {
     pub limits: ModelLimits,
 }
 
+/// Which process is the chat gateway the sensor watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayTarget {
+    /// A cgroup v2 directory (absolute, or relative to the cgroup2 mount).
+    Cgroup(PathBuf),
+    /// A systemd unit, resolved to its cgroup at start.
+    Unit(String),
+    /// A process; its cgroup v2 path (or, in the v2 root, a cgroup of its own made for it).
+    Pid(u32),
+}
+
+/// `[sensor]`: the eBPF gateway sensor.
+#[derive(Debug, Clone)]
+pub struct SensorConfig {
+    /// False without a `[sensor]` gateway (or with `enabled = false`).
+    pub enabled: bool,
+    pub gateway: Option<GatewayTarget>,
+    pub gateway_ports: Vec<u16>,
+    /// A session without traffic for this long is `idle`.
+    pub idle_after: Duration,
+    /// How often the flow counters are read (one interval of per-session byte counts).
+    pub poll_interval: Duration,
+    /// Closed and idle sessions are dropped from the list after this long.
+    pub forget_after: Duration,
+    /// `hearth sensor`: the agent to report to (`http://llm-host:8000`).
+    pub report_to: Option<String>,
+    /// `hearth sensor`: the token it sends (one of the agent's `accept_tokens`).
+    pub report_token: Option<String>,
+    /// `hearth sensor`: its name in the agent's sessions (default: the hostname).
+    pub name: String,
+    /// `hearth sensor`: batches kept while the agent is unreachable (oldest dropped first).
+    pub report_buffer: usize,
+    /// The agent: tokens remote sensors may report with (`POST /hearth/v1/activity`); empty: remote
+    /// reports are refused.
+    pub accept_tokens: Vec<String>,
+}
+
+/// OpenClaw's default gateway port.
+pub const DEFAULT_GATEWAY_PORT: u16 = 18789;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: PathBuf,
     pub server: ServerConfig,
     pub resources: ResourcesConfig,
     pub confinement: ConfinementConfig,
+    pub sensor: SensorConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -262,6 +303,23 @@ struct RawConfinement {
     memory_headroom_mb: Option<u64>,
 }
 
+#[derive(Deserialize, Default)]
+struct RawSensor {
+    enabled: Option<bool>,
+    gateway_cgroup: Option<String>,
+    gateway_unit: Option<String>,
+    gateway_pid: Option<u32>,
+    gateway_ports: Option<Vec<u16>>,
+    idle_after: Option<String>,
+    poll_interval: Option<String>,
+    forget_after: Option<String>,
+    report_to: Option<String>,
+    report_token: Option<String>,
+    name: Option<String>,
+    report_buffer: Option<u64>,
+    accept_tokens: Option<Vec<String>>,
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawMemoryMax {
@@ -307,7 +365,14 @@ struct RawModel {
     run_as: Option<String>,
 }
 
-const TOP_KEYS: &[&str] = &["server", "resources", "confinement", "runtimes", "models"];
+const TOP_KEYS: &[&str] = &[
+    "server",
+    "resources",
+    "confinement",
+    "sensor",
+    "runtimes",
+    "models",
+];
 
 /// A cgroup v1/v2 cpu list: `0-3,6`.
 fn valid_cpuset(s: &str) -> bool {
@@ -500,6 +565,187 @@ fn resolve_program(p: &str, base: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// `hearth sensor`: only the `[sensor]` section of `path` matters (the gateway host has no models);
+/// other sections are not validated, so the agent's file can be reused.
+pub fn load_sensor(path: &Path) -> Result<SensorConfig, ConfigError> {
+    let fail = |problems: Vec<Problem>| ConfigError {
+        path: path.to_path_buf(),
+        problems,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![Problem {
+            key: String::new(),
+            reason: format!("cannot read file: {e}"),
+        }])
+    })?;
+    let root: toml::Table = toml::from_str(&text).map_err(|e| {
+        fail(vec![Problem {
+            key: String::new(),
+            reason: format!("invalid TOML: {}", e.message()),
+        }])
+    })?;
+    let mut problems = Vec::new();
+    let raw: RawSensor = section(
+        root.get("sensor")
+            .cloned()
+            .unwrap_or_else(|| toml::Value::Table(Default::default())),
+        "sensor",
+        &mut problems,
+    );
+    let cfg = sensor_config(raw, &mut problems);
+    if !cfg.enabled {
+        problem(
+            &mut problems,
+            "sensor",
+            "hearth sensor needs the gateway: set gateway_cgroup, gateway_unit or gateway_pid",
+        );
+    }
+    if cfg.report_to.is_none() {
+        problem(
+            &mut problems,
+            "sensor.report_to",
+            "missing: the agent to report to, e.g. \"http://llm-host:8000\"",
+        );
+    }
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(fail(problems))
+    }
+}
+
+fn sensor_config(r: RawSensor, problems: &mut Vec<Problem>) -> SensorConfig {
+    let mut targets = Vec::new();
+    if let Some(c) = r.gateway_cgroup.as_deref() {
+        if c.trim().is_empty() {
+            problem(problems, "sensor.gateway_cgroup", "must not be empty");
+        }
+        targets.push(GatewayTarget::Cgroup(PathBuf::from(c.trim())));
+    }
+    if let Some(u) = r.gateway_unit.as_deref() {
+        if u.trim().is_empty() {
+            problem(problems, "sensor.gateway_unit", "must not be empty");
+        }
+        targets.push(GatewayTarget::Unit(u.trim().to_string()));
+    }
+    if let Some(p) = r.gateway_pid {
+        if p == 0 {
+            problem(problems, "sensor.gateway_pid", "must be a process id (> 0)");
+        }
+        targets.push(GatewayTarget::Pid(p));
+    }
+    if targets.len() > 1 {
+        problem(
+            problems,
+            "sensor",
+            "give one of gateway_cgroup, gateway_unit, gateway_pid (several are set)",
+        );
+    }
+    let gateway = targets.into_iter().next();
+    let enabled = r.enabled.unwrap_or(true) && gateway.is_some();
+    if r.enabled == Some(true) && gateway.is_none() {
+        problem(
+            problems,
+            "sensor.enabled",
+            "the sensor needs the gateway: set gateway_cgroup, gateway_unit or gateway_pid",
+        );
+    }
+    let gateway_ports = r
+        .gateway_ports
+        .unwrap_or_else(|| vec![DEFAULT_GATEWAY_PORT]);
+    if gateway_ports.is_empty() || gateway_ports.len() > hearth_common::MAX_PORTS {
+        problem(
+            problems,
+            "sensor.gateway_ports",
+            format!("give 1 to {} ports", hearth_common::MAX_PORTS),
+        );
+    }
+    if gateway_ports.contains(&0) {
+        problem(problems, "sensor.gateway_ports", "port 0 is not a port");
+    }
+    let idle_after = duration(
+        &r.idle_after,
+        Duration::from_secs(120),
+        "sensor.idle_after".into(),
+        problems,
+    );
+    let poll_interval = duration(
+        &r.poll_interval,
+        Duration::from_secs(1),
+        "sensor.poll_interval".into(),
+        problems,
+    );
+    if poll_interval < Duration::from_millis(100) {
+        problem(problems, "sensor.poll_interval", "must be at least 100ms");
+    }
+    let forget_after = duration(
+        &r.forget_after,
+        Duration::from_secs(600),
+        "sensor.forget_after".into(),
+        problems,
+    );
+    if let Some(u) = &r.report_to {
+        match u.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            _ => problem(
+                problems,
+                "sensor.report_to",
+                format!("{u:?}: expected the agent's base URL, e.g. \"http://llm-host:8000\""),
+            ),
+        }
+    }
+    if r.report_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        problem(problems, "sensor.report_token", "must not be empty");
+    }
+    let accept_tokens = r.accept_tokens.unwrap_or_default();
+    for (i, t) in accept_tokens.iter().enumerate() {
+        if t.trim().is_empty() {
+            problem(
+                problems,
+                format!("sensor.accept_tokens[{i}]"),
+                "a token must not be empty",
+            );
+        }
+    }
+    let report_buffer = match r.report_buffer {
+        Some(0) => {
+            problem(problems, "sensor.report_buffer", "must be at least 1");
+            1
+        }
+        Some(n) => n as usize,
+        None => 600,
+    };
+    let name = r.name.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "sensor".into())
+    });
+    if name.trim().is_empty() || name == "local" || name.contains('/') {
+        problem(
+            problems,
+            "sensor.name",
+            format!("{name:?}: must be non-empty, without '/', and not \"local\""),
+        );
+    }
+    SensorConfig {
+        enabled,
+        gateway,
+        gateway_ports,
+        idle_after,
+        poll_interval,
+        forget_after,
+        report_to: r.report_to,
+        report_token: r.report_token,
+        name,
+        report_buffer,
+        accept_tokens,
+    }
+}
+
 fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<Config> {
     let root: toml::Table = match toml::from_str(text) {
         Ok(t) => t,
@@ -558,6 +804,8 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
         check_user("confinement.run_as".into(), u, problems);
     }
     let headroom = raw_conf.memory_headroom_mb;
+    let raw_sensor: RawSensor = section(get("sensor"), "sensor", problems);
+    let sensor = sensor_config(raw_sensor, problems);
 
     let listen = match raw_server
         .listen
@@ -962,6 +1210,7 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
             cgroups,
             cgroup_name,
         },
+        sensor,
         models,
     })
 }

@@ -60,7 +60,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         metrics.clone(),
         Box::new(LongestIdle),
     );
-    let state = AppState::new(config.clone(), supervisor.clone(), metrics);
+    let sensor = crate::sensor::Sensor::start(&config.sensor, metrics.clone());
+    let state = AppState::new(config.clone(), supervisor.clone(), sensor, metrics);
     tracing::info!(
         %addr,
         models = config.models.len(),

@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod runtime;
 pub mod scheduler;
+pub mod sensor;
 pub mod supervisor;

@@ -30,12 +30,20 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Run only the eBPF gateway sensor (on the gateway host), reporting to the agent at
+    /// `[sensor] report_to`.
+    Sensor {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Validate a configuration file and report every problem at once.
     CheckConfig { file: PathBuf },
     /// Show every model's state from the running daemon.
     Status(Remote),
     /// List the models the running daemon serves.
     Models(Remote),
+    /// Show the gateway sessions the sensor sees.
+    Sessions(Remote),
 }
 
 #[derive(Args)]
@@ -67,8 +75,10 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run { config } => run(&config),
         Cmd::CheckConfig { file } => return check_config(&file),
+        Cmd::Sensor { config } => sensor(&config),
         Cmd::Status(r) => remote(r, "/hearth/v1/status", print_status),
         Cmd::Models(r) => remote(r, "/v1/models", print_models),
+        Cmd::Sessions(r) => remote(r, "/hearth/v1/sessions", print_sessions),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,6 +105,12 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     runtime(config.server.worker_threads)?.block_on(hearth::daemon::run(config))?;
+    Ok(())
+}
+
+fn sensor(path: &Path) -> anyhow::Result<()> {
+    let config = hearth::config::load_sensor(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    runtime(1)?.block_on(hearth::sensor::report::run(&config))?;
     Ok(())
 }
 
@@ -254,6 +270,53 @@ fn print_status(v: &Value) {
         }
         if let Some(w) = m["memory_warning"].as_str() {
             println!("  {:<18} warning: {w}", "");
+        }
+    }
+}
+
+fn ago(now_ms: u64, v: &Value) -> String {
+    v.as_u64()
+        .filter(|&t| t > 0)
+        .map(|t| format!("{:.1}s ago", now_ms.saturating_sub(t) as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_sessions(v: &Value) {
+    let now = hearth::sensor::unix_ms(std::time::SystemTime::now());
+    let sensor = &v["sensor"];
+    println!("sensor: {} ({})", s(&sensor["state"]), s(&sensor["reason"]));
+    println!(
+        "{:<36} {:<7} {:>12} {:>12} {:>12}  LAST INTERVAL (in/out)",
+        "SESSION", "STATE", "BYTES IN", "BYTES OUT", "LAST ACTIVE"
+    );
+    for x in v["sessions"].as_array().into_iter().flatten() {
+        let last = x["intervals"]
+            .as_array()
+            .and_then(|i| i.last())
+            .map(|p| format!("{}/{}", s(&p[0]), s(&p[1])))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<36} {:<7} {:>12} {:>12} {:>12}  {}",
+            s(&x["id"]),
+            s(&x["state"]),
+            s(&x["bytes_in"]),
+            s(&x["bytes_out"]),
+            ago(now, &x["last_activity_ms"]),
+            last
+        );
+    }
+    let channels = v["channels"].as_array().map(Vec::len).unwrap_or(0);
+    if channels > 0 {
+        println!("channels (the gateway's outbound connections):");
+        for c in v["channels"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<34} {:<7} {:>12} {:>12} {:>12}",
+                s(&c["remote"]),
+                s(&c["state"]),
+                s(&c["bytes_in"]),
+                s(&c["bytes_out"]),
+                ago(now, &c["last_activity_ms"])
+            );
         }
     }
 }

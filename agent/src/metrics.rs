@@ -60,6 +60,10 @@ pub struct Metrics {
     pub runtime_pids_limit: IntGaugeVec,
     pub oom_kills: IntCounterVec,
     pub confinement: IntGaugeVec,
+    pub sensor_up: IntGauge,
+    pub gateway_sessions: IntGaugeVec,
+    pub gateway_bytes: IntCounterVec,
+    pub sensor_dropped: IntGaugeVec,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(
@@ -211,6 +215,29 @@ impl Metrics {
                 "hearth_runtime_oom_kills_total",
                 "Processes of the runtime the kernel OOM-killed in its cgroup",
                 &["model"],
+            )?,
+            sensor_up: reg(
+                &r,
+                "hearth_sensor_up",
+                IntGauge::new(
+                    "hearth_sensor_up",
+                    "1 when the eBPF gateway sensor runs on this host, 0 when it is off",
+                ),
+            )?,
+            gateway_sessions: gauge(
+                "hearth_gateway_sessions",
+                "Gateway sessions (inbound connections to the gateway ports), by state",
+                &["state"],
+            )?,
+            gateway_bytes: counter(
+                "hearth_gateway_bytes_total",
+                "Bytes of gateway sessions (IP packet lengths), in = to the gateway",
+                &["direction"],
+            )?,
+            sensor_dropped: gauge(
+                "hearth_sensor_dropped_batches",
+                "Batches a remote sensor dropped while the agent was unreachable, as it last reported",
+                &["source"],
             )?,
             confinement: gauge(
                 "hearth_confinement_info",

@@ -103,6 +103,7 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(2);
 pub struct AppState {
     pub config: Arc<Config>,
     pub supervisor: Supervisor,
+    pub sensor: crate::sensor::Sensor,
     pub metrics: Metrics,
     client: HttpClient,
     /// id and every alias → model index.
@@ -113,7 +114,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, supervisor: Supervisor, metrics: Metrics) -> Arc<AppState> {
+    pub fn new(
+        config: Arc<Config>,
+        supervisor: Supervisor,
+        sensor: crate::sensor::Sensor,
+        metrics: Metrics,
+    ) -> Arc<AppState> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
@@ -138,6 +144,7 @@ impl AppState {
         Arc::new(AppState {
             config,
             supervisor,
+            sensor,
             metrics,
             client,
             names,
@@ -166,11 +173,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(forward))
         .route("/v1/models", get(list_models))
         .route("/hearth/v1/status", get(crate::admin::status))
+        .route("/hearth/v1/sessions", get(crate::admin::sessions))
         .route("/hearth/v1/models/{id}/load", post(crate::admin::load))
         .route("/hearth/v1/models/{id}/unload", post(crate::admin::unload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(guarded)
+        .route("/hearth/v1/activity", post(crate::admin::activity))
         .route("/props", get(props))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(crate::admin::metrics))

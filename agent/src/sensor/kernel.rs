@@ -1,0 +1,442 @@
+//! The kernel side of the sensor, from user space: loads hearth's eBPF object (built by
+//! `cargo xtask build-ebpf`, embedded at build time), attaches the `cgroup_skb` programs to the
+//! gateway's cgroup and the tracepoint `sock/inet_sock_set_state`, and polls them into
+//! [`Observation`]s.
+
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use hearth_common::{names, FlowEvent, FlowKey, FlowStats, AF_INET6, EVENT_OPEN, MAX_PORTS};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+use super::{unix_ms, Batch, FlowCounters, Observation};
+use crate::config::{GatewayTarget, SensorConfig};
+
+/// The eBPF object; empty when hearth was built without the eBPF toolchain.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth-ebpf.o"));
+
+/// Where a cgroup of its own is made for a gateway that sits in the cgroup v2 root (e.g. on a
+/// hybrid host, where every process does): `<cgroup2 mount>/hearth-gateway`.
+const OWN_GATEWAY_CGROUP: &str = "hearth-gateway";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("this hearth was built without its eBPF programs (run `cargo xtask build-ebpf`, then build hearth again)")]
+    NotBuilt,
+    #[error(
+        "no cgroup2 mount in /proc/self/mountinfo: the sensor attaches to a cgroup v2 directory"
+    )]
+    NoCgroup2,
+    #[error("gateway {what}: {reason}")]
+    Gateway { what: String, reason: String },
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
+    Tracefs(String),
+    #[error("loading the eBPF programs: {0} (hearth needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON)")]
+    Load(String),
+    #[error("attaching {program} to {target}: {reason}")]
+    Attach {
+        program: &'static str,
+        target: String,
+        reason: String,
+    },
+}
+
+/// The loaded and attached programs.
+pub struct Kernel {
+    ebpf: Ebpf,
+    cgroup: PathBuf,
+}
+
+impl Kernel {
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Loads and attaches; every failure says what is missing.
+    pub fn load(config: &SensorConfig) -> Result<Kernel, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NotBuilt);
+        }
+        let cgroup = gateway_cgroup(config)?;
+        ensure_tracefs()?;
+        let mut ports = [0u16; MAX_PORTS];
+        for (p, v) in ports.iter_mut().zip(&config.gateway_ports) {
+            *p = *v;
+        }
+        let n = config.gateway_ports.len().min(MAX_PORTS) as u32;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GATEWAY_PORTS, &ports, true)
+            .override_global(names::N_PORTS, &n, true)
+            .load(OBJECT)
+            .map_err(|e| KernelError::Load(error_chain(&e)))?;
+        let dir = fs::File::open(&cgroup).map_err(|e| KernelError::Attach {
+            program: names::INGRESS,
+            target: cgroup.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        for (name, kind) in [
+            (names::INGRESS, CgroupSkbAttachType::Ingress),
+            (names::EGRESS, CgroupSkbAttachType::Egress),
+        ] {
+            let attach_err = |reason: String| KernelError::Attach {
+                program: name,
+                target: cgroup.display().to_string(),
+                reason,
+            };
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or_else(|| attach_err("not in the object".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(error_chain(&e)))?;
+            prog.load()
+                .map_err(|e| KernelError::Load(format!("{name}: {}", error_chain(&e))))?;
+            prog.attach(&dir, kind, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(error_chain(&e)))?;
+        }
+        let tp_err = |reason: String| KernelError::Attach {
+            program: names::SOCK_STATE,
+            target: "tracepoint sock/inet_sock_set_state".into(),
+            reason,
+        };
+        let tp: &mut TracePoint = ebpf
+            .program_mut(names::SOCK_STATE)
+            .ok_or_else(|| tp_err("not in the object".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| tp_err(error_chain(&e)))?;
+        tp.load().map_err(|e| {
+            KernelError::Load(format!("{}: {}", names::SOCK_STATE, error_chain(&e)))
+        })?;
+        tp.attach("sock", "inet_sock_set_state")
+            .map_err(|e| tp_err(error_chain(&e)))?;
+        Ok(Kernel { ebpf, cgroup })
+    }
+
+    /// Polls the flow map every `interval` and drains connection events as they come, sending
+    /// observations to the sensor actor until it goes away.
+    pub async fn run(mut self, tx: mpsc::Sender<Batch>, interval: Duration) {
+        let events = match self.ebpf.take_map(names::EVENTS).map(RingBuf::try_from) {
+            Some(Ok(rb)) => {
+                // SAFETY: the RingBuf owns its map fd and moves into the AsyncFd, which owns it
+                // until dropped; RingBuf::as_raw_fd always returns that same open descriptor.
+                match unsafe { AsyncFd::register(rb) } {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        tracing::error!(error = %e, "polling the sensor's ring buffer; open/close events are lost");
+                        None
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %error_chain(&e), "the sensor's ring buffer");
+                None
+            }
+            None => None,
+        };
+        let mut events = events;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let clock = Clock::new();
+        loop {
+            let mut obs = Vec::new();
+            let end = tokio::select! {
+                _ = tick.tick() => {
+                    // Events first, so that a connection opened and closed within one interval
+                    // is seen in order with its counters.
+                    if let Some(ev) = events.as_mut() {
+                        drain(ev.get_mut(), &clock, &mut obs);
+                    }
+                    self.read_flows(&clock, &mut obs);
+                    true
+                }
+                ready = async {
+                    match events.as_mut() {
+                        Some(ev) => ev.readable_mut().await.map(|mut g| g.clear_ready()),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let (Ok(()), Some(ev)) = (ready, events.as_mut()) {
+                        drain(ev.get_mut(), &clock, &mut obs);
+                    }
+                    false
+                }
+            };
+            if obs.is_empty() && !end {
+                continue;
+            }
+            let batch = Batch {
+                observations: obs,
+                end_interval: end,
+            };
+            if tx.send(batch).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn read_flows(&self, clock: &Clock, out: &mut Vec<Observation>) {
+        let Some(map) = self.ebpf.map(names::FLOWS) else {
+            return;
+        };
+        let flows: BpfHashMap<&MapData, FlowKey, FlowStats> = match BpfHashMap::try_from(map) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "reading the sensor's flow map");
+                return;
+            }
+        };
+        for item in flows.iter() {
+            // An entry evicted between the key walk and its lookup is skipped.
+            let Ok((k, v)) = item else { continue };
+            let (local, remote) = addrs(&k);
+            out.push(Observation::Counters(FlowCounters {
+                local,
+                remote,
+                bytes_in: v.bytes_in,
+                bytes_out: v.bytes_out,
+                packets_in: v.packets_in,
+                packets_out: v.packets_out,
+                last_seen_ms: clock.to_unix_ms(v.last_seen_ns),
+            }));
+        }
+    }
+}
+
+fn drain(rb: &mut RingBuf<MapData>, clock: &Clock, out: &mut Vec<Observation>) {
+    while let Some(item) = rb.next() {
+        if item.len() < std::mem::size_of::<FlowEvent>() {
+            continue;
+        }
+        // SAFETY: the ring buffer holds FlowEvent records (agent-ebpf writes nothing else), the
+        // length is checked above, and read_unaligned copes with any alignment.
+        let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        let (local, remote) = addrs(&ev.key);
+        let at_ms = clock.to_unix_ms(ev.ts_ns);
+        out.push(if ev.kind == EVENT_OPEN {
+            Observation::Opened {
+                local,
+                remote,
+                at_ms,
+            }
+        } else {
+            Observation::Closed {
+                local,
+                remote,
+                at_ms,
+            }
+        });
+    }
+}
+
+/// A FlowKey's (local, remote) socket addresses.
+pub fn addrs(k: &FlowKey) -> (SocketAddr, SocketAddr) {
+    let ip = |b: &[u8; 16]| -> IpAddr {
+        if k.family == AF_INET6 {
+            IpAddr::V6(Ipv6Addr::from(*b))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        }
+    };
+    (
+        SocketAddr::new(ip(&k.local_addr), k.local_port),
+        SocketAddr::new(ip(&k.remote_addr), k.remote_port),
+    )
+}
+
+/// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock Unix milliseconds.
+struct Clock {
+    mono_ns: u64,
+    wall_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            mono_ns: monotonic_ns(),
+            wall_ms: unix_ms(SystemTime::now()),
+        }
+    }
+
+    fn to_unix_ms(&self, ns: u64) -> u64 {
+        if ns == 0 {
+            return 0;
+        }
+        let delta_ms = (ns as i128 - self.mono_ns as i128) / 1_000_000;
+        (self.wall_ms as i128 + delta_ms).max(0) as u64
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The cgroup2 mount point.
+fn cgroup2_mount() -> Result<PathBuf, KernelError> {
+    let mi = fs::read_to_string("/proc/self/mountinfo").map_err(|_| KernelError::NoCgroup2)?;
+    for line in mi.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split(' ').next() == Some("cgroup2") {
+            if let Some(mp) = left.split(' ').nth(4) {
+                return Ok(PathBuf::from(mp));
+            }
+        }
+    }
+    Err(KernelError::NoCgroup2)
+}
+
+/// Resolves the configured gateway to the cgroup v2 directory to attach to.
+fn gateway_cgroup(config: &SensorConfig) -> Result<PathBuf, KernelError> {
+    let mount = cgroup2_mount()?;
+    let gw_err = |what: String, reason: String| KernelError::Gateway { what, reason };
+    match &config.gateway {
+        None => Err(gw_err(
+            "target".into(),
+            "none configured (gateway_cgroup, gateway_unit or gateway_pid)".into(),
+        )),
+        Some(GatewayTarget::Cgroup(p)) => {
+            let p = if p.is_absolute() {
+                p.clone()
+            } else {
+                mount.join(p)
+            };
+            if !p.join("cgroup.procs").exists() {
+                return Err(gw_err(
+                    format!("cgroup {}", p.display()),
+                    format!(
+                        "not a cgroup v2 directory (the cgroup2 mount is {})",
+                        mount.display()
+                    ),
+                ));
+            }
+            Ok(p)
+        }
+        Some(GatewayTarget::Unit(unit)) => {
+            let out = std::process::Command::new("systemctl")
+                .args(["show", "--property=ControlGroup", "--value", unit])
+                .output()
+                .map_err(|e| gw_err(format!("unit {unit}"), format!("running systemctl: {e}")))?;
+            let cg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !out.status.success() || cg.is_empty() {
+                return Err(gw_err(
+                    format!("unit {unit}"),
+                    format!(
+                        "systemctl show gave no ControlGroup (is the unit running?){}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                ));
+            }
+            Ok(mount.join(cg.trim_start_matches('/')))
+        }
+        Some(GatewayTarget::Pid(pid)) => {
+            let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .map_err(|e| gw_err(format!("pid {pid}"), e.to_string()))?;
+            let v2 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("/")
+                .to_string();
+            if v2 != "/" {
+                return Ok(mount.join(v2.trim_start_matches('/')));
+            }
+            // In the v2 root (every process of a hybrid host is): attaching there would count the
+            // whole host, so the gateway gets a cgroup of its own.
+            let own = mount.join(OWN_GATEWAY_CGROUP);
+            move_into(&own, *pid).map_err(|e| {
+                gw_err(
+                    format!("pid {pid}"),
+                    format!(
+                        "it is in the cgroup v2 root; moving it into {}: {e}",
+                        own.display()
+                    ),
+                )
+            })?;
+            tracing::info!(pid, cgroup = %own.display(), "moved the gateway out of the cgroup v2 root into a cgroup of its own");
+            Ok(own)
+        }
+    }
+}
+
+fn move_into(dir: &Path, pid: u32) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    fs::write(dir.join("cgroup.procs"), pid.to_string())
+}
+
+/// The tracepoint needs tracefs; a fresh host may not have it mounted.
+fn ensure_tracefs() -> Result<(), KernelError> {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        dir,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| KernelError::Tracefs(e.to_string()))?;
+    tracing::info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_become_socket_addresses() {
+        let mut k = FlowKey {
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+            local_port: 18789,
+            remote_port: 50000,
+            family: hearth_common::AF_INET,
+            _pad: 0,
+        };
+        k.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        k.remote_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let (l, r) = addrs(&k);
+        assert_eq!(l, "127.0.0.1:18789".parse::<SocketAddr>().unwrap());
+        assert_eq!(r, "10.1.2.3:50000".parse::<SocketAddr>().unwrap());
+        k.family = AF_INET6;
+        k.local_addr = Ipv6Addr::LOCALHOST.octets();
+        let (l, _) = addrs(&k);
+        assert_eq!(l, "[::1]:18789".parse::<SocketAddr>().unwrap());
+    }
+
+    #[test]
+    fn monotonic_times_convert_to_wall_clock() {
+        let c = Clock {
+            mono_ns: 5_000_000_000,
+            wall_ms: 1_700_000_000_000,
+        };
+        assert_eq!(c.to_unix_ms(6_000_000_000), 1_700_000_001_000);
+        assert_eq!(c.to_unix_ms(4_500_000_000), 1_699_999_999_500);
+        assert_eq!(c.to_unix_ms(0), 0);
+    }
+}
