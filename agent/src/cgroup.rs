@@ -269,6 +269,9 @@ pub struct RuntimeCgroup {
     name: String,
     layout: Layout,
     join: JoinPlan,
+    /// Shared by the clones of one handle: two freeze/kill/thaw sequences at once (a stop's kill
+    /// and the exit's cleanup) would thaw each other's freeze.
+    kill_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl RuntimeCgroup {
@@ -285,6 +288,7 @@ impl RuntimeCgroup {
             name: name.to_string(),
             layout,
             join,
+            kill_lock: Default::default(),
         })
     }
 
@@ -332,8 +336,14 @@ impl RuntimeCgroup {
     /// Kills every process of the cgroup, forks in flight included. v2: `cgroup.kill` (Linux 5.14+;
     /// before that, freeze/kill/thaw via `cgroup.freeze`). v1: freeze with the freezer so nothing can
     /// fork, SIGKILL every pid, thaw (the kills are delivered on thaw). Returns once the signals are
-    /// sent; use [`wait_empty`](Self::wait_empty) to wait for the exits.
+    /// sent; use [`wait_empty`](Self::wait_empty) to wait for the exits. Calls through clones of one
+    /// handle are serialized (a stop and the exit cleanup may kill at the same time).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
+        // A poisoned lock only means another kill panicked; the sequence below is still safe.
+        let _serialized = self
+            .kill_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &self.layout {
             Layout::V2 { dir } => {
                 let kill_file = dir.join("cgroup.kill");
@@ -1535,6 +1545,39 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn v1_concurrent_kills_of_one_cgroup_do_not_thaw_each_other() {
+        // On a fake freezer, FROZEN reads back at once: without serialization one kill's THAWED can
+        // land between the other's FROZEN and its check, which then waits 2 s and fails.
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path().join("freezer");
+        let dir = mount.join("hearth/runtimes/m");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        fs::write(dir.join("freezer.state"), "THAWED").unwrap();
+        let m = V1Manager::new(vec![(
+            "freezer",
+            mount.clone(),
+            mount.join("hearth/runtimes"),
+        )]);
+        let cg = m.create("m", &Limits::default()).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let cg = cg.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        cg.kill_all()?;
+                    }
+                    Ok::<(), CgroupError>(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread").expect("kill_all");
+        }
+        assert_eq!(read(&dir.join("freezer.state")), "THAWED");
     }
 
     #[test]

@@ -326,8 +326,12 @@ pub fn spawn(
             let mut oom_kills = 0;
             if let Some(cg) = cgroup {
                 match tokio::task::spawn_blocking(move || dismantle(&cg)).await {
-                    Ok(Ok(kills)) => oom_kills = kills,
-                    Ok(Err(e)) => tracing::error!(error = %e, "cleaning up the runtime's cgroup"),
+                    Ok((kills, r)) => {
+                        oom_kills = kills;
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "cleaning up the runtime's cgroup");
+                        }
+                    }
                     Err(e) => tracing::error!(error = %e, "cgroup cleanup task failed"),
                 }
             }
@@ -382,12 +386,16 @@ pub fn spawn(
 
 /// After the leader's exit: kill what is left in the cgroup, wait until it is empty, read its OOM
 /// count and remove it. Blocking (cgroupfs polls); run it off the async threads.
-fn dismantle(cg: &RuntimeCgroup) -> Result<u64, crate::cgroup::CgroupError> {
-    cg.kill_all()?;
-    cg.wait_empty(CGROUP_EMPTY_WAIT)?;
-    let kills = cg.stats().map(|s| s.oom_kills.unwrap_or(0)).unwrap_or(0);
-    cg.remove()?;
-    Ok(kills)
+/// Returns the OOM kills the cgroup recorded (read before and after the kill, so a failed cleanup
+/// does not lose them) and the cleanup's outcome.
+fn dismantle(cg: &RuntimeCgroup) -> (u64, Result<(), crate::cgroup::CgroupError>) {
+    let kills = || cg.stats().ok().and_then(|s| s.oom_kills).unwrap_or(0);
+    let before = kills();
+    let r = cg
+        .kill_all()
+        .and_then(|()| cg.wait_empty(CGROUP_EMPTY_WAIT));
+    let after = kills();
+    (before.max(after), r.and_then(|()| cg.remove()))
 }
 
 /// What wakes the monitor when the kernel OOM-kills in the cgroup: v1 an eventfd registered on

@@ -321,6 +321,8 @@ struct ModelState {
     observed_mb: u64,
     memory_warning: Option<String>,
     oom_kills: u64,
+    /// OOM kills the monitor reported for the current run (the exit's own count may miss them).
+    run_oom_kills: u64,
     resident_bytes: Option<u64>,
 }
 
@@ -386,6 +388,7 @@ impl Actor {
                 observed_mb: 0,
                 memory_warning: None,
                 oom_kills: 0,
+                run_oom_kills: 0,
                 resident_bytes: None,
             })
             .collect();
@@ -615,7 +618,11 @@ impl Actor {
                 let Some(m) = self.models.get_mut(model) else {
                     return;
                 };
-                if m.generation != generation || m.pending_failure.is_some() {
+                if m.generation != generation {
+                    return;
+                }
+                m.run_oom_kills = m.run_oom_kills.max(kills);
+                if m.pending_failure.is_some() {
                     return;
                 }
                 let Some(p) = &m.proc else { return };
@@ -645,6 +652,8 @@ impl Actor {
                 }
                 m.stats = None;
                 m.resident_bytes = None;
+                // The larger of the exit's count and what the monitor saw during the run.
+                let oom_kills = oom_kills.max(std::mem::take(&mut m.run_oom_kills));
                 let g = &self.gauges[model];
                 g.runtime_memory.set(0);
                 g.runtime_memory_peak.set(0);
