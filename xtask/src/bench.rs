@@ -3,10 +3,13 @@
 //! Measures added latency (p50/p90/p99), throughput, cold-start overhead and hearth's idle RSS, prints a
 //! table and rewrites the results section of docs/benchmarks.md. Every process it starts is stopped again,
 //! error paths included (see `procs::Proc` and `procs::Reaper`). Only loopback addresses are used.
+//!
+//! `cargo xtask bench sensor` (`sensor.rs`) measures the gateway sensor's eBPF programs instead.
 
 mod client;
 mod procs;
 mod report;
+mod sensor;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +32,9 @@ const MODEL_ID: &str = "bench-tiny";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// Another benchmark instead of the default one (hearth against llama-server)
+    #[command(subcommand)]
+    pub cmd: Option<BenchCmd>,
     /// GGUF model to serve [default: <dev dir>/models/gen-tiny.gguf]
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -81,6 +87,18 @@ pub struct BenchArgs {
     /// and so also used by the direct server), e.g. --runtime-arg=--log-disable
     #[arg(long = "runtime-arg", allow_hyphen_values = true)]
     pub runtime_args: Vec<String>,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchCmd {
+    /// What the gateway sensor's eBPF programs cost: loopback bulk throughput, request/response and
+    /// connection rates through the gateway port with and without the programs attached, and the
+    /// programs' own run time (BPF stats). Needs root and the eBPF object; rewrites its own section of
+    /// docs/benchmarks.md
+    Sensor(sensor::SensorArgs),
+    /// The sensor benchmark's server (started by `bench sensor` inside its cgroup)
+    #[command(hide = true)]
+    SensorServer(sensor::ServerArgs),
 }
 
 struct Paths {
@@ -274,6 +292,11 @@ pub(crate) struct Results {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    match &args.cmd {
+        Some(BenchCmd::Sensor(s)) => return sensor::run(s),
+        Some(BenchCmd::SensorServer(s)) => return sensor::serve(s),
+        None => {}
+    }
     if args.phase_secs <= 0.0 || args.phase_secs > 60.0 {
         bail!("--phase-secs must be in (0, 60]");
     }
@@ -281,21 +304,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--concurrency values must be in 1..=256");
     }
     let paths = Paths::resolve(&args)?;
-    if cfg!(debug_assertions) && !args.no_reexec && std::env::var_os(REEXEC_ENV).is_none() {
+    if should_reexec(args.no_reexec) {
         // The load generator shares the CPUs with hearth and llama-server: it must be an optimized build.
-        eprintln!("bench: re-running as `cargo run --release -p xtask` (--no-reexec to skip)");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["run", "--release", "--quiet", "-p", "xtask", "--"])
-            .args(std::env::args_os().skip(1))
-            .env(REEXEC_ENV, "1")
-            .current_dir(&paths.root)
-            .status()
-            .context("running the release build of xtask")?;
-        if !status.success() {
-            bail!("bench failed ({status})");
-        }
-        return Ok(());
+        return reexec_release(&paths.root);
     }
     if !args.direct_only {
         if !args.no_build {
@@ -334,6 +345,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         eprintln!("bench: wrote {}", paths.output.display());
     }
     eprintln!("bench: logs of this run in {}", paths.work.display());
+    Ok(())
+}
+
+/// Whether this is a debug build that should re-run itself as a release build.
+fn should_reexec(no_reexec: bool) -> bool {
+    cfg!(debug_assertions) && !no_reexec && std::env::var_os(REEXEC_ENV).is_none()
+}
+
+/// Runs the same command line again as `cargo run --release -p xtask`, and waits for it.
+fn reexec_release(root: &Path) -> Result<()> {
+    eprintln!("bench: re-running as `cargo run --release -p xtask` (--no-reexec to skip)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["run", "--release", "--quiet", "-p", "xtask", "--"])
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, "1")
+        .current_dir(root)
+        .status()
+        .context("running the release build of xtask")?;
+    if !status.success() {
+        bail!("bench failed ({status})");
+    }
     Ok(())
 }
 
@@ -570,7 +603,7 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
     let wall = Instant::now();
     let mut notes = Vec::new();
     let slots = args.concurrency.iter().copied().max().unwrap_or(1);
-    let machine = Machine::collect(&p.root, &p.llama_server);
+    let machine = Machine::collect(&p.root, Some(&p.llama_server));
     let load_start = stats::loadavg();
     // How busy the machine is before we start anything: a noise indicator.
     let background_busy = match CpuSnapshot::take() {

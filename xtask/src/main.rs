@@ -48,8 +48,10 @@ enum Cmd {
     Demo,
     /// Run a real llama-server on every model of the dev layout: load time, RSS, chat stream/non-stream
     CheckModels,
-    /// Benchmarks: what hearth costs on top of llama-server
-    Bench(bench::BenchArgs),
+    /// Benchmarks: what hearth costs on top of llama-server; `bench sensor`: what the gateway sensor's
+    /// eBPF programs cost
+    #[command(args_conflicts_with_subcommands = true)]
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() {
@@ -71,7 +73,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Lint => lint(),
         Cmd::Demo => demo::run(&Dev::locate()?),
         Cmd::CheckModels => check_models(&Dev::locate()?),
-        Cmd::Bench(args) => bench::run(args),
+        Cmd::Bench(args) => bench::run(*args),
     }
 }
 

@@ -436,11 +436,7 @@ pub fn markdown(r: &Results) -> String {
         .map(|b| format!("{:.0} %", b * 100.0))
         .unwrap_or_else(|| "unknown".into());
     let _ = writeln!(o, "| | |\n|---|---|");
-    let _ = writeln!(
-        o,
-        "| machine | {} CPUs usable (nproc; host CPUs online: {}), {}, {} RAM, Linux {} |",
-        m.nproc, m.online, m.cpu_model, m.mem_total, m.kernel
-    );
+    let _ = writeln!(o, "| machine | {} |", m.summary());
     let _ = writeln!(
         o,
         "| noise | usable CPUs busy {busy} in the second before the bench started; other processes kept {} CPUs busy on average during the measured phases (worst path/scenario: {}); load average {} at start, {} at end |",
@@ -695,12 +691,18 @@ pub fn markdown(r: &Results) -> String {
 
 /// Replaces the text between the markers, keeping everything else (the methodology) as it is.
 pub fn write_doc(path: &Path, results: &str) -> Result<()> {
+    write_section(path, BEGIN, END, results)
+}
+
+/// Replaces the text between `begin` and `end` in `path` (appends the section when the markers are
+/// missing), keeping everything else as it is.
+pub fn write_section(path: &Path, begin: &str, end: &str, results: &str) -> Result<()> {
     let existing = std::fs::read_to_string(path).ok();
-    let section = format!("{BEGIN}\n{}\n{END}", results.trim_end());
+    let section = format!("{begin}\n{}\n{end}", results.trim_end());
     let text = match existing {
-        Some(t) => match (t.find(BEGIN), t.find(END)) {
+        Some(t) => match (t.find(begin), t.find(end)) {
             (Some(b), Some(e)) if b < e => {
-                format!("{}{section}{}", &t[..b], &t[e + END.len()..])
+                format!("{}{section}{}", &t[..b], &t[e + end.len()..])
             }
             _ => format!("{}\n\n{section}\n", t.trim_end()),
         },

@@ -64,7 +64,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn collect(root: &Path, llama_server: &Path) -> Machine {
+    /// `llama_server`: the binary whose `--version` is recorded (None: a benchmark without it).
+    pub fn collect(root: &Path, llama_server: Option<&Path>) -> Machine {
         let nproc = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0);
@@ -99,9 +100,9 @@ impl Machine {
         } else {
             git
         };
-        let llama_server_version = {
-            let out = Command::new(llama_server).arg("--version").output();
-            match out {
+        let llama_server_version = match llama_server {
+            None => "not used".to_string(),
+            Some(llama_server) => match Command::new(llama_server).arg("--version").output() {
                 Ok(o) => {
                     let text = format!(
                         "{}{}",
@@ -119,7 +120,7 @@ impl Machine {
                     }
                 }
                 Err(e) => format!("(cannot run: {e})"),
-            }
+            },
         };
         let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
             .map(|s| s.trim().to_string())
@@ -135,6 +136,16 @@ impl Machine {
             git,
             llama_server_version,
         }
+    }
+}
+
+impl Machine {
+    /// "N CPUs usable (nproc; host CPUs online: L), MODEL, M GiB RAM, Linux K", for the results tables.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} CPUs usable (nproc; host CPUs online: {}), {}, {} RAM, Linux {}",
+            self.nproc, self.online, self.cpu_model, self.mem_total, self.kernel
+        )
     }
 }
 
