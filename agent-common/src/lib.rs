@@ -40,7 +40,9 @@ pub struct FlowKey {
 }
 
 /// Counters of one flow, updated by the `cgroup_skb` programs. Bytes are IP packet lengths (headers
-/// included), `in` = received by the gateway. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+/// included), `in` = received by the gateway. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC), and
+/// both are set when the entry is created only: the programs read no clock per packet (it is slow
+/// on some VMs); user space dates activity by the counters' changes between its readings.
 ///
 /// `packets_*` count socket buffers as the cgroup hooks see them: with segmentation offload (GSO/TSO
 /// on the way out, GRO on the way in, and always on loopback) one of them can carry many wire

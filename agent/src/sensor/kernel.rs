@@ -3,11 +3,12 @@
 //! gateway's cgroup and the tracepoint `sock/inet_sock_set_state`, and polls them into
 //! [`Observation`]s.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
@@ -48,10 +49,18 @@ pub enum KernelError {
     },
 }
 
+/// A flow whose counters did not move for this long is deleted from `FLOWS` (traffic on it later
+/// starts a new entry), so the map and the reader's walk stay small on a busy gateway.
+const STALE_AFTER: Duration = Duration::from_secs(600);
+
 /// The loaded and attached programs.
 pub struct Kernel {
     ebpf: Ebpf,
     cgroup: PathBuf,
+    /// Per flow: the counters at the last reading and since when they have not moved.
+    seen: HashMap<FlowKey, (FlowStats, Instant)>,
+    /// Flows whose connection closed: deleted after their final counters were read.
+    closed: Vec<FlowKey>,
 }
 
 impl Kernel {
@@ -115,7 +124,12 @@ impl Kernel {
         })?;
         tp.attach("sock", "inet_sock_set_state")
             .map_err(|e| tp_err(error_chain(&e)))?;
-        Ok(Kernel { ebpf, cgroup })
+        Ok(Kernel {
+            ebpf,
+            cgroup,
+            seen: HashMap::new(),
+            closed: Vec::new(),
+        })
     }
 
     /// Polls the flow map every `interval` and drains connection events as they come, sending
@@ -150,7 +164,7 @@ impl Kernel {
                     // Events first, so that a connection opened and closed within one interval
                     // is seen in order with its counters.
                     if let Some(ev) = events.as_mut() {
-                        drain(ev.get_mut(), &clock, &mut obs);
+                        drain(ev.get_mut(), &clock, &mut obs, &mut self.closed);
                     }
                     self.read_flows(&clock, &mut obs);
                     true
@@ -162,7 +176,7 @@ impl Kernel {
                     }
                 } => {
                     if let (Ok(()), Some(ev)) = (ready, events.as_mut()) {
-                        drain(ev.get_mut(), &clock, &mut obs);
+                        drain(ev.get_mut(), &clock, &mut obs, &mut self.closed);
                     }
                     false
                 }
@@ -180,20 +194,36 @@ impl Kernel {
         }
     }
 
-    fn read_flows(&self, clock: &Clock, out: &mut Vec<Observation>) {
-        let Some(map) = self.ebpf.map(names::FLOWS) else {
+    /// Reports every flow's counters, then deletes closed and stale flows from the map.
+    fn read_flows(&mut self, clock: &Clock, out: &mut Vec<Observation>) {
+        let Some(map) = self.ebpf.map_mut(names::FLOWS) else {
             return;
         };
-        let flows: BpfHashMap<&MapData, FlowKey, FlowStats> = match BpfHashMap::try_from(map) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(error = %error_chain(&e), "reading the sensor's flow map");
-                return;
+        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowStats> =
+            match BpfHashMap::try_from(map) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "reading the sensor's flow map");
+                    return;
+                }
+            };
+        // An entry evicted between the key walk and its lookup is skipped.
+        let entries: Vec<(FlowKey, FlowStats)> = flows.iter().filter_map(Result::ok).collect();
+        let now = Instant::now();
+        // The programs read no clock per packet: a flow's counters moving is its activity, dated
+        // by this reading.
+        let now_ms = unix_ms(SystemTime::now());
+        let mut stale = Vec::new();
+        let mut seen = HashMap::with_capacity(entries.len());
+        for (k, v) in entries {
+            let since = match self.seen.get(&k) {
+                Some((prev, since)) if *prev == v => *since,
+                _ => now,
+            };
+            if now.duration_since(since) >= STALE_AFTER {
+                stale.push(k);
             }
-        };
-        for item in flows.iter() {
-            // An entry evicted between the key walk and its lookup is skipped.
-            let Ok((k, v)) = item else { continue };
+            seen.insert(k, (v, since));
             let (local, remote) = addrs(&k);
             out.push(Observation::Counters(FlowCounters {
                 local,
@@ -202,13 +232,25 @@ impl Kernel {
                 bytes_out: v.bytes_out,
                 packets_in: v.packets_in,
                 packets_out: v.packets_out,
-                last_seen_ms: clock.to_unix_ms(v.last_seen_ns),
+                first_seen_ms: clock.to_unix_ms(v.first_seen_ns),
+                last_seen_ms: now_ms,
             }));
         }
+        for k in self.closed.drain(..).chain(stale) {
+            // Already gone (evicted, or deleted twice) is fine.
+            let _ = flows.remove(&k);
+            seen.remove(&k);
+        }
+        self.seen = seen;
     }
 }
 
-fn drain(rb: &mut RingBuf<MapData>, clock: &Clock, out: &mut Vec<Observation>) {
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    clock: &Clock,
+    out: &mut Vec<Observation>,
+    closed: &mut Vec<FlowKey>,
+) {
     while let Some(item) = rb.next() {
         if item.len() < std::mem::size_of::<FlowEvent>() {
             continue;
@@ -218,6 +260,9 @@ fn drain(rb: &mut RingBuf<MapData>, clock: &Clock, out: &mut Vec<Observation>) {
         let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         let (local, remote) = addrs(&ev.key);
         let at_ms = clock.to_unix_ms(ev.ts_ns);
+        if ev.kind != EVENT_OPEN {
+            closed.push(ev.key);
+        }
         out.push(if ev.kind == EVENT_OPEN {
             Observation::Opened {
                 local,

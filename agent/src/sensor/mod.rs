@@ -43,7 +43,11 @@ pub struct FlowCounters {
     pub bytes_out: u64,
     pub packets_in: u64,
     pub packets_out: u64,
-    /// When the last packet was seen (Unix ms, the sensor's clock).
+    /// When the flow's first packet was seen (Unix ms, the sensor's clock).
+    #[serde(default)]
+    pub first_seen_ms: u64,
+    /// When these counters were read (Unix ms, the sensor's clock): a change since the previous
+    /// reading is activity at this time.
     pub last_seen_ms: u64,
 }
 
@@ -266,7 +270,12 @@ impl Tracker {
                 if self.inbound(source, &c.local) {
                     self.session_bytes.0 += din;
                     self.session_bytes.1 += dout;
-                    let s = self.session_mut(source, c.local, c.remote, c.last_seen_ms, &mut out);
+                    let first = if c.first_seen_ms > 0 {
+                        c.first_seen_ms.min(c.last_seen_ms)
+                    } else {
+                        c.last_seen_ms
+                    };
+                    let s = self.session_mut(source, c.local, c.remote, first, &mut out);
                     s.bytes_in += din;
                     s.bytes_out += dout;
                     s.packets_in += dpin;
@@ -693,6 +702,7 @@ mod tests {
             bytes_out: bout,
             packets_in: bin / 100,
             packets_out: bout / 100,
+            first_seen_ms: 0,
             last_seen_ms: at,
         })
     }
