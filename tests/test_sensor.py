@@ -176,6 +176,10 @@ def test_sensor_off_without_cap_bpf_and_hearth_still_serves(hearth, gateway):
     assert "loading the eBPF programs" in st["reason"] and "CAP_BPF" in st["reason"], st
     assert "hearth_sensor_up 0" in h.metrics()
     assert "gateway sensor OFF" in h.log_text()
+    assert h.status()["sensor"]["state"] == "off", h.status()["sensor"]
+    out = subprocess.run([h.bin, "status", "--url", h.base_url], capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 0 and "sensor: off (loading the eBPF programs" in out.stdout, out
     r = h.http.post("/v1/chat/completions", timeout=30, json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text

@@ -14,13 +14,15 @@ use crate::supervisor::StatusReport;
 
 /// GET /hearth/v1/status
 pub async fn status(State(st): State<Arc<AppState>>) -> Result<Json<StatusReport>, ApiError> {
-    st.supervisor.status().await.map(Json).ok_or_else(|| {
+    let mut report = st.supervisor.status().await.ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "hearth is shutting down",
         )
-    })
+    })?;
+    report.sensor = st.sensor.report().await.map(|r| r.sensor);
+    Ok(Json(report))
 }
 
 /// GET /hearth/v1/sessions

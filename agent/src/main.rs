@@ -217,6 +217,10 @@ fn mb(v: &Value) -> String {
 fn print_status(v: &Value) {
     let c = &v["confinement"];
     println!("confinement: {} ({})", s(&c["cgroups"]), s(&c["reason"]));
+    let sensor = &v["sensor"];
+    if sensor.is_object() {
+        println!("sensor: {} ({})", s(&sensor["state"]), s(&sensor["reason"]));
+    }
     if let Some(pools) = v["pools"].as_array() {
         for p in pools {
             println!(

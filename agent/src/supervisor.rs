@@ -152,6 +152,8 @@ pub struct StatusReport {
     pub version: &'static str,
     pub uptime_seconds: f64,
     pub confinement: ConfinementStatus,
+    /// The gateway sensor's state (filled in by the admin API, which also holds the sensor).
+    pub sensor: Option<crate::sensor::SensorStatus>,
     pub pools: Vec<PoolStatus>,
     pub models: Vec<ModelStatus>,
 }
@@ -1008,6 +1010,7 @@ impl Actor {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: (now - self.started).as_secs_f64(),
             confinement: self.confinement.status().clone(),
+            sensor: None,
             pools: vec![PoolStatus {
                 name: "host".into(),
                 capacity_mb: self.config.resources.host_memory_mb,
