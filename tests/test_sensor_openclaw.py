@@ -1,4 +1,4 @@
-"""The sensor against the REAL OpenClaw gateway (npm openclaw, installed by `cargo xtask setup`, see
+"""The sensor against the REAL OpenClaw gateway (npm openclaw, installed by `cargo xtask test`, see
 ../shared/notes/openclaw.md): the gateway runs in a cgroup of its own, the real `openclaw` CLI talks
 to it over its WebSocket port, and hearth's eBPF sensor sees those connections as sessions.
 
@@ -24,7 +24,7 @@ def _openclaw_dir() -> Path:
     d = os.environ.get("HEARTH_OPENCLAW_DIR")
     if not d or not (Path(d) / "node_modules/.bin/openclaw").exists():
         pytest.fail(f"OpenClaw is not installed at HEARTH_OPENCLAW_DIR={d!r}: run via `cargo xtask test` "
-                    "(its setup installs it from npm)", pytrace=False)
+                    "(it installs it from npm first)", pytrace=False)
     return Path(d)
 
 

@@ -80,6 +80,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
 fn test(no_cargo_test: bool, pytest_args: &[String]) -> Result<()> {
     let dev = Dev::locate()?;
     setup::run(&dev)?;
+    setup::openclaw()?;
     let root = &dev.root;
 
     let t = util::step("cargo build -p hearth");

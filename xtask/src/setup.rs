@@ -38,7 +38,6 @@ pub fn run(dev: &Dev) -> Result<()> {
     }
     llama_server(dev)?;
     runtime_user()?;
-    openclaw()?;
     // Before anything builds hearth: agent/build.rs embeds the object.
     crate::ebpf::build(&dev.root)?;
     done("setup", t, "ready");
@@ -60,7 +59,8 @@ pub fn openclaw_dir() -> PathBuf {
         .join(format!("openclaw-{OPENCLAW_VERSION}"))
 }
 
-fn openclaw() -> Result<()> {
+/// Installed by `cargo xtask test` (not by plain setup: the demo does not need it).
+pub fn openclaw() -> Result<()> {
     let dir = openclaw_dir();
     let done_marker = dir.join(".installed");
     if done_marker.is_file() && dir.join("node_modules/.bin/openclaw").exists() {
