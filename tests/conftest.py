@@ -374,6 +374,31 @@ class Hearth:
 FAKE_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
+def cgroup2_mount() -> Path:
+    """The cgroup v2 mount point (on the hybrid CI hosts /sys/fs/cgroup/unified)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ")[0] == "cgroup2":
+            return Path(left.split(" ")[4])
+    pytest.fail("no cgroup2 mount: the sensor attaches to a cgroup v2 directory")
+
+
+def remove_cgroup(cg: Path, timeout: float = 10.0):
+    """SIGKILLs what is left in the cgroup v2 directory `cg` and removes it (retrying while the
+    exiting processes are reaped)."""
+    deadline = time.time() + timeout
+    while cg.exists():
+        try:
+            for pid in (cg / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            cg.rmdir()
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def open_for_runtime_user(path: Path):
     """Runtimes run as the unprivileged `hearth-runtime` user (hearth is root in CI): pytest makes its
     temporary directories 0700, so open this test's directory and the ones above it that pytest

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_until
+from conftest import cgroup2_mount, free_port, remove_cgroup, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="SKIPPED LOUDLY: the eBPF sensor tests need root (CI runs as root)")
@@ -25,14 +25,6 @@ GATEWAY = Path(__file__).parent / "servers" / "gateway_standin.py"
 # 20 + options up to 40 bytes) and HTTP/1.1 request or response headers per message.
 PER_PACKET = 80
 PER_MESSAGE = 400
-
-
-def cgroup2_mount() -> Path:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        if right.split(" ")[0] == "cgroup2":
-            return Path(left.split(" ")[4])
-    pytest.fail("no cgroup2 mount: the sensor attaches to a cgroup v2 directory")
 
 
 @pytest.fixture
@@ -49,14 +41,7 @@ def gateway():
     finally:
         proc.kill()
         proc.wait()
-        deadline = time.time() + 5
-        while cg.exists():
-            try:
-                cg.rmdir()
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        remove_cgroup(cg)
 
 
 def sensor_config(gw: dict, **over) -> dict:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_until
-from test_sensor import cgroup2_mount, sessions
+from conftest import cgroup2_mount, free_port, remove_cgroup, wait_until
+from test_sensor import sessions
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="SKIPPED LOUDLY: the eBPF sensor tests need root (CI runs as root)")
@@ -82,19 +82,7 @@ def openclaw_gateway(tmp_path_factory):
                 pass
             proc.wait(10)
         logf.close()
-        for pid in Path(procs).read_text().split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while cg.exists():
-            try:
-                cg.rmdir()
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
+        remove_cgroup(cg)
 
 
 def test_openclaw_cli_connections_are_sessions(hearth, openclaw_gateway):

@@ -378,16 +378,7 @@ impl Tracker {
                     },
                 });
             }
-            if s.state == SessionState::Active
-                && now_ms.saturating_sub(s.last_activity_ms) >= idle_ms
-            {
-                s.state = SessionState::Idle;
-                out.push(Activity {
-                    session: s.id.clone(),
-                    at_ms: now_ms,
-                    kind: ActivityKind::Idle,
-                });
-            }
+            out.extend(s.idle_if_silent(now_ms, idle_ms));
         }
         self.sessions.retain(|_, s| {
             let since = s.closed_ms.unwrap_or(s.last_activity_ms);
@@ -665,24 +656,32 @@ async fn actor(
 }
 
 impl Tracker {
-    /// Only the idle transitions of [`Tracker::end_interval`] (for the timer between polls).
+    /// Only the idle transitions of [`Tracker::end_interval`] (for the timer between polls), for
+    /// sessions without traffic in the interval under way.
     pub fn end_interval_idle_only(&mut self, now_ms: u64) -> Vec<Activity> {
         let idle_ms = self.idle_after.as_millis() as u64;
-        let mut out = Vec::new();
-        for s in self.sessions.values_mut() {
-            if s.state == SessionState::Active
-                && s.interval_now == (0, 0)
-                && now_ms.saturating_sub(s.last_activity_ms) >= idle_ms
-            {
-                s.state = SessionState::Idle;
-                out.push(Activity {
-                    session: s.id.clone(),
-                    at_ms: now_ms,
-                    kind: ActivityKind::Idle,
-                });
-            }
+        self.sessions
+            .values_mut()
+            .filter(|s| s.interval_now == (0, 0))
+            .filter_map(|s| s.idle_if_silent(now_ms, idle_ms))
+            .collect()
+    }
+}
+
+impl Session {
+    /// `active` → `idle` once silent for `idle_ms`.
+    fn idle_if_silent(&mut self, now_ms: u64, idle_ms: u64) -> Option<Activity> {
+        if self.state != SessionState::Active
+            || now_ms.saturating_sub(self.last_activity_ms) < idle_ms
+        {
+            return None;
         }
-        out
+        self.state = SessionState::Idle;
+        Some(Activity {
+            session: self.id.clone(),
+            at_ms: now_ms,
+            kind: ActivityKind::Idle,
+        })
     }
 }
 
