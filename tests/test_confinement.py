@@ -120,18 +120,23 @@ def test_runtime_runs_confined_with_its_limits(hearth):
         assert not Path(d).exists(), f"cgroup {d} left behind"
 
 
+def start_escaper(h) -> tuple[dict, int]:
+    """Starts the `escape` fault-injection runtime of `h`: its status and its escaped grandchild."""
+    r = chat(h, "escaper")
+    assert r.status_code == 200, r.text
+    tag = str(h.workdir) + os.sep
+    escaped = lambda: [p for p in pids_matching("fault-injection-escaped-grandchild") if tag in
+                       Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    wait_until(escaped, 10, what="the escaped grandchild to run")
+    (g,) = escaped()
+    return h.model("escaper"), g
+
+
 def test_process_that_left_the_group_is_killed_with_the_cgroup(hearth):
     """A runtime whose grandchild left its process group and session (setsid) and ignores SIGTERM:
     a process-group kill misses it, the cgroup kill does not."""
     h = hearth([hearth.fake("escaper", "escape", stop_timeout="1s")])
-    r = chat(h, "escaper")
-    assert r.status_code == 200, r.text
-    m = h.model("escaper")
-    tag = str(h.workdir) + os.sep
-    escaped = lambda: [p for p in pids_matching("fault-injection-escaped-grandchild") if tag in
-                       Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    wait_until(lambda: escaped(), 10, what="the escaped grandchild to run")
-    (g,) = escaped()
+    m, g = start_escaper(h)
     assert os.getpgid(g) != os.getpgid(m["pid"]), "the grandchild should have its own process group"
     assert str(g) in cg_read(m, "cgroup.procs")[1].split(), "the grandchild is still in the cgroup"
 
@@ -174,14 +179,7 @@ def test_kill_9_then_restart_kills_the_leftovers(hearth):
     process group survives in the runtime's cgroup. The next hearth kills it before it serves."""
     cfg = [hearth.fake("escaper", "escape")]
     h = hearth(cfg)
-    r = chat(h, "escaper")
-    assert r.status_code == 200, r.text
-    m = h.model("escaper")
-    tag = str(h.workdir) + os.sep
-    escaped = lambda: [p for p in pids_matching("fault-injection-escaped-grandchild") if tag in
-                       Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    wait_until(lambda: escaped(), 10, what="the escaped grandchild to run")
-    (g,) = escaped()
+    m, g = start_escaper(h)
     dirs = m["cgroup"]["path"]
 
     h._poll_stop.set()

@@ -1104,6 +1104,17 @@ pub fn detect(base_name: &str) -> Result<Detected, CgroupError> {
     detect_from(&mountinfo, &own, base_name)
 }
 
+/// The mount point of the cgroup2 hierarchy: `/sys/fs/cgroup` on a pure v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one; `None` without one.
+pub fn cgroup2_mount() -> Result<Option<PathBuf>, CgroupError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| io_err("-", "read", Path::new("/proc/self/mountinfo"), e))?;
+    Ok(parse_mountinfo(&mountinfo)
+        .into_iter()
+        .find(|m| m.v2)
+        .map(|m| m.mount_point))
+}
+
 /// A cgroup mount from mountinfo.
 #[derive(Debug, Clone, PartialEq)]
 struct CgroupMount {

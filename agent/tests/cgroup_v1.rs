@@ -39,22 +39,11 @@ fn require_root() {
 }
 
 fn sys_fs_cgroup_is_cgroup2() -> bool {
-    let mi = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-    mi.lines().any(|l| {
-        let (left, right) = l.split_once(" - ").unwrap_or(("", ""));
-        left.split(' ').nth(4) == Some("/sys/fs/cgroup") && right.starts_with("cgroup2 ")
-    })
+    cgroup2_mount().is_some_and(|m| m == Path::new("/sys/fs/cgroup"))
 }
 
 fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-    mi.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        if !right.starts_with("cgroup2 ") {
-            return None;
-        }
-        left.split(' ').nth(4).map(PathBuf::from)
-    })
+    hearth::cgroup::cgroup2_mount().expect("read /proc/self/mountinfo")
 }
 
 /// The manager under test, plus the directories to remove afterwards (deepest first).

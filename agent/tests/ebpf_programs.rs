@@ -283,14 +283,7 @@ fn free_port(ipv6: bool) -> u16 {
 /// The mount point of the cgroup2 hierarchy (/sys/fs/cgroup on pure v2, /sys/fs/cgroup/unified on
 /// hybrid systems).
 fn cgroup2_mount() -> Option<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split_whitespace().next() != Some("cgroup2") {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
+    hearth::cgroup::cgroup2_mount().expect("read /proc/self/mountinfo")
 }
 
 /// A child cgroup of the cgroup2 root, removed on drop.

@@ -236,10 +236,18 @@ impl Kernel {
                 last_seen_ms: now_ms,
             }));
         }
-        for k in self.closed.drain(..).chain(stale) {
+        for k in self.closed.drain(..) {
             // Already gone (evicted, or deleted twice) is fine.
             let _ = flows.remove(&k);
             seen.remove(&k);
+        }
+        for k in stale {
+            let _ = flows.remove(&k);
+            seen.remove(&k);
+            // The connection may still be open: its next counters start from 0, and the tracker
+            // must not subtract the deleted ones from them.
+            let (local, remote) = addrs(&k);
+            out.push(Observation::Reset { local, remote });
         }
         self.seen = seen;
     }
@@ -336,18 +344,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The cgroup2 mount point.
 fn cgroup2_mount() -> Result<PathBuf, KernelError> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").map_err(|_| KernelError::NoCgroup2)?;
-    for line in mi.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split(' ').next() == Some("cgroup2") {
-            if let Some(mp) = left.split(' ').nth(4) {
-                return Ok(PathBuf::from(mp));
-            }
-        }
-    }
-    Err(KernelError::NoCgroup2)
+    crate::cgroup::cgroup2_mount()
+        .ok()
+        .flatten()
+        .ok_or(KernelError::NoCgroup2)
 }
 
 /// Resolves the configured gateway to the cgroup v2 directory to attach to.

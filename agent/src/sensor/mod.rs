@@ -67,6 +67,11 @@ pub enum Observation {
         remote: SocketAddr,
         at_ms: u64,
     },
+    /// The sensor deleted the flow's counters (idle too long): later counters of it start from 0.
+    Reset {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
 }
 
 /// One poll's worth of observations, as the kernel poller produces them and a remote sensor sends
@@ -344,6 +349,9 @@ impl Tracker {
                         });
                     }
                 }
+                self.last.remove(&(source.to_string(), local, remote));
+            }
+            Observation::Reset { local, remote } => {
                 self.last.remove(&(source.to_string(), local, remote));
             }
         }
@@ -806,6 +814,23 @@ mod tests {
         assert_eq!((ch.bytes_in, ch.bytes_out), (950, 110));
         assert_eq!(t.channel_bytes, (950, 110));
         assert_eq!(t.session_bytes, (0, 0));
+    }
+
+    #[test]
+    fn a_reset_flow_counts_from_zero_again() {
+        let mut t = Tracker::new(vec![18789], Duration::from_secs(5), Duration::from_secs(60));
+        t.apply("local", &counters(GW, "10.0.0.2:4000", 1000, 0, 1));
+        t.apply(
+            "local",
+            &Observation::Reset {
+                local: addr(GW),
+                remote: addr("10.0.0.2:4000"),
+            },
+        );
+        // the new entry already carries more than the old one did: all of it is new traffic
+        t.apply("local", &counters(GW, "10.0.0.2:4000", 1500, 0, 2));
+        let s = t.sessions().next().expect("session");
+        assert_eq!(s.bytes_in, 2500);
     }
 
     #[test]
