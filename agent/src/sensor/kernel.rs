@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,10 +21,6 @@ use crate::config::{GatewayTarget, SensorConfig};
 
 /// The eBPF object; empty when hearth was built without the eBPF toolchain.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth-ebpf.o"));
-
-/// Where a cgroup of its own is made for a gateway that sits in the cgroup v2 root (e.g. on a
-/// hybrid host, where every process does): `<cgroup2 mount>/hearth-gateway`.
-const OWN_GATEWAY_CGROUP: &str = "hearth-gateway";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -401,34 +396,21 @@ fn gateway_cgroup(config: &SensorConfig) -> Result<PathBuf, KernelError> {
                 .find_map(|l| l.strip_prefix("0::"))
                 .unwrap_or("/")
                 .to_string();
-            if v2 != "/" {
-                return Ok(mount.join(v2.trim_start_matches('/')));
-            }
-            // In the v2 root (every process of a hybrid host is): attaching there would count the
-            // whole host, so the gateway gets a cgroup of its own.
-            let own = mount.join(OWN_GATEWAY_CGROUP);
-            move_into(&own, *pid).map_err(|e| {
-                gw_err(
+            if v2 == "/" {
+                // Attaching at the root would count the whole host, and moving the gateway would
+                // not help: a socket keeps the cgroup it was created in, so its listening socket
+                // (and every connection accepted from it) would stay uncounted.
+                return Err(gw_err(
                     format!("pid {pid}"),
-                    format!(
-                        "it is in the cgroup v2 root; moving it into {}: {e}",
-                        own.display()
-                    ),
-                )
-            })?;
-            tracing::info!(pid, cgroup = %own.display(), "moved the gateway out of the cgroup v2 root into a cgroup of its own");
-            Ok(own)
+                    "it is in the cgroup v2 root (as every process of a hybrid host is): start the \
+                     gateway in a cgroup of its own (a systemd unit: gateway_unit; or a directory \
+                     you create: gateway_cgroup), before it opens its sockets"
+                        .into(),
+                ));
+            }
+            Ok(mount.join(v2.trim_start_matches('/')))
         }
     }
-}
-
-fn move_into(dir: &Path, pid: u32) -> io::Result<()> {
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    fs::write(dir.join("cgroup.procs"), pid.to_string())
 }
 
 /// The tracepoint needs tracefs; a fresh host may not have it mounted.
