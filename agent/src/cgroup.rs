@@ -128,13 +128,6 @@ pub enum CgroupError {
         pids: Vec<u32>,
         waited: Duration,
     },
-    #[error("cgroup {cgroup}: {path} did not reach FROZEN within {waited:?} (state {state:?})")]
-    FreezeTimeout {
-        cgroup: String,
-        path: PathBuf,
-        state: String,
-        waited: Duration,
-    },
 }
 
 /// Creates, finds and cleans up runtime cgroups under hearth's base.
@@ -335,7 +328,8 @@ impl RuntimeCgroup {
 
     /// Kills every process of the cgroup, forks in flight included. v2: `cgroup.kill` (Linux 5.14+;
     /// before that, freeze/kill/thaw via `cgroup.freeze`). v1: freeze with the freezer so nothing can
-    /// fork, SIGKILL every pid, thaw (the kills are delivered on thaw). Returns once the signals are
+    /// fork, SIGKILL every pid, thaw (the kills are delivered on thaw); if the freezer cannot freeze
+    /// within 2 s, thaw and kill without it, round after round. Returns once the signals are
     /// sent; use [`wait_empty`](Self::wait_empty) to wait for the exits. Calls through clones of one
     /// handle are serialized (a stop and the exit cleanup may kill at the same time).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
@@ -373,14 +367,12 @@ impl RuntimeCgroup {
                         break;
                     }
                     if started.elapsed() > limit {
-                        // Thaw before reporting, so that nothing stays frozen forever.
-                        let _ = write_file(&self.name, &state, "THAWED");
-                        return Err(CgroupError::FreezeTimeout {
-                            cgroup: self.name.clone(),
-                            path: state,
-                            state: s.trim().to_string(),
-                            waited: limit,
-                        });
+                        // A task the freezer cannot stop (seen on a loaded host: FREEZING for
+                        // seconds) must not save the cgroup from being killed: thaw, then kill
+                        // without the freezer, round after round, until nothing is left.
+                        tracing::warn!(cgroup = %self.name, state = s.trim(), waited = ?limit, "the freezer did not freeze the cgroup; killing without it");
+                        write_file(&self.name, &state, "THAWED")?;
+                        return self.sigkill_loop();
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
