@@ -2,13 +2,15 @@
 //! predictor and the OpenClaw plugin use.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::pagecache::{self, PageCacheError, Residency};
 use crate::proxy::{ApiError, AppState};
 use crate::supervisor::StatusReport;
 
@@ -128,6 +130,142 @@ fn request(st: &AppState, name: &str, what: &'static str) -> Result<impl IntoRes
         StatusCode::ACCEPTED,
         Json(json!({"model": st.config.models[i].id, "requested": what})),
     ))
+}
+
+/// GET /hearth/v1/models/{id}/page-cache: how much of the model's weights file the page cache holds.
+pub async fn page_cache(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cache_op(&st, &id, CacheOp::Residency).await
+}
+
+/// POST /hearth/v1/models/{id}/prewarm: reads the weights file into the page cache (returns when it
+/// is resident).
+pub async fn prewarm(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cache_op(&st, &id, CacheOp::Prewarm).await
+}
+
+/// POST /hearth/v1/models/{id}/page-cache/evict: drops the weights file from the page cache (pages
+/// a running runtime maps stay).
+pub async fn page_cache_evict(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cache_op(&st, &id, CacheOp::Evict).await
+}
+
+#[derive(Clone, Copy)]
+enum CacheOp {
+    Residency,
+    Prewarm,
+    Evict,
+}
+
+impl CacheOp {
+    fn name(self) -> &'static str {
+        match self {
+            CacheOp::Residency => "residency",
+            CacheOp::Prewarm => "prewarm",
+            CacheOp::Evict => "evict",
+        }
+    }
+}
+
+/// Runs a page-cache operation on the model's `model_path` on the blocking pool.
+async fn cache_op(st: &AppState, name: &str, op: CacheOp) -> Result<Json<Value>, ApiError> {
+    let m = &st.config.models[st.resolve(name)?];
+    let Some(path) = m.model_path.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_model_file",
+            format!(
+                "model {} (runtime {}) has no model_path: there is no weights file to {}",
+                m.id,
+                m.runtime.as_str(),
+                match op {
+                    CacheOp::Residency => "report on",
+                    CacheOp::Prewarm => "prewarm",
+                    CacheOp::Evict => "evict",
+                }
+            ),
+        ));
+    };
+    let span = tracing::info_span!("page_cache", model = %m.id, op = op.name());
+    let t0 = Instant::now();
+    let p = path.clone();
+    let worker = span.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _enter = worker.enter();
+        match op {
+            CacheOp::Residency => pagecache::residency(&p),
+            CacheOp::Prewarm => pagecache::prewarm(&p),
+            CacheOp::Evict => pagecache::evict(&p),
+        }
+    })
+    .await;
+    let seconds = t0.elapsed().as_secs_f64();
+    let r: Residency = span.in_scope(|| match result {
+        Ok(Ok(r)) => {
+            if !matches!(op, CacheOp::Residency) {
+                tracing::info!(
+                    path = %path.display(),
+                    file_bytes = r.file_bytes,
+                    resident_bytes = r.resident_bytes,
+                    seconds,
+                    "page cache: {} done",
+                    op.name()
+                );
+            }
+            Ok(r)
+        }
+        Ok(Err(e)) => Err(cache_error(&m.id, m.runtime, &e)),
+        Err(e) => {
+            tracing::error!(error = %e, "page-cache task failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "page_cache_failed",
+                format!("model {}: the page-cache task failed: {e}", m.id),
+            ))
+        }
+    })?;
+    let mut body = json!({
+        "model": m.id,
+        "path": path.display().to_string(),
+        "file_bytes": r.file_bytes,
+        "resident_bytes": r.resident_bytes,
+        "resident_fraction": r.fraction(),
+    });
+    if !matches!(op, CacheOp::Residency) {
+        body["seconds"] = json!(seconds);
+    }
+    Ok(Json(body))
+}
+
+/// 409 when the model has no weights file to work on (missing, or not a regular file: e.g. a vllm
+/// hub id or a model directory); 500 for what the OS refused.
+fn cache_error(id: &str, runtime: crate::config::RuntimeKind, e: &PageCacheError) -> ApiError {
+    if e.is_not_found() || e.is_not_a_file() {
+        let hint = if runtime == crate::config::RuntimeKind::Vllm {
+            " (a vllm model named by a hub id or a directory has no single weights file)"
+        } else {
+            ""
+        };
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "no_model_file",
+            format!("model {id}: no weights file to work on: {e}{hint}"),
+        );
+    }
+    tracing::warn!(error = %e, "page-cache operation failed");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "page_cache_failed",
+        format!("model {id}: {e}"),
+    )
 }
 
 /// GET /metrics

@@ -10,6 +10,7 @@ pub mod config;
 pub mod confine;
 pub mod daemon;
 pub mod metrics;
+pub mod pagecache;
 pub mod proxy;
 pub mod runtime;
 pub mod scheduler;

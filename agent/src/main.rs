@@ -44,6 +44,24 @@ enum Cmd {
     Models(Remote),
     /// Show the gateway sessions the sensor sees.
     Sessions(Remote),
+    /// Read a model's weights file into the page cache now (returns when it is resident), so that
+    /// the next start reads it from RAM; --evict drops it from the page cache instead.
+    Prewarm {
+        /// The model (id or alias).
+        model: String,
+        /// Drop the file from the page cache (pages a running runtime maps stay).
+        #[arg(long)]
+        evict: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show how much of a model's weights file the page cache holds.
+    PageCache {
+        /// The model (id or alias).
+        model: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Args)]
@@ -79,6 +97,19 @@ fn main() -> ExitCode {
         Cmd::Status(r) => remote(r, "/hearth/v1/status", print_status),
         Cmd::Models(r) => remote(r, "/v1/models", print_models),
         Cmd::Sessions(r) => remote(r, "/hearth/v1/sessions", print_sessions),
+        Cmd::Prewarm {
+            model,
+            evict,
+            remote: r,
+        } => {
+            let what = if evict { "page-cache/evict" } else { "prewarm" };
+            let path = format!("/hearth/v1/models/{}/{what}", path_segment(&model));
+            remote_call(r, http::Method::POST, &path, print_page_cache)
+        }
+        Cmd::PageCache { model, remote: r } => {
+            let path = format!("/hearth/v1/models/{}/page-cache", path_segment(&model));
+            remote(r, &path, print_page_cache)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +180,28 @@ fn check_config(path: &Path) -> ExitCode {
 }
 
 fn remote(r: Remote, path: &str, print: fn(&Value)) -> anyhow::Result<()> {
+    remote_call(r, http::Method::GET, path, print)
+}
+
+/// `name` as one URL path segment (percent-encoded but for unreserved characters).
+fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn remote_call(
+    r: Remote,
+    method: http::Method,
+    path: &str,
+    print: fn(&Value),
+) -> anyhow::Result<()> {
     let cfg = match &r.config {
         Some(p) => Some(Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?),
         None => None,
@@ -166,7 +219,7 @@ fn remote(r: Remote, path: &str, print: fn(&Value)) -> anyhow::Result<()> {
     let body = runtime(1)?.block_on(async {
         let client: Client<_, Empty<bytes::Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        let mut req = http::Request::get(&url);
+        let mut req = http::Request::builder().method(method).uri(&url);
         if let Some(k) = &key {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {k}"));
         }
@@ -322,6 +375,28 @@ fn print_sessions(v: &Value) {
                 ago(now, &c["last_activity_ms"])
             );
         }
+    }
+}
+
+fn print_page_cache(v: &Value) {
+    let mib = |k: &str| {
+        v[k].as_u64()
+            .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("{}: {}", s(&v["model"]), s(&v["path"]));
+    let pct = v["resident_fraction"]
+        .as_f64()
+        .map(|f| format!("{:.1} %", f * 100.0))
+        .unwrap_or_else(|| "-".into());
+    print!(
+        "  {} of {} in the page cache ({pct})",
+        mib("resident_bytes"),
+        mib("file_bytes")
+    );
+    match v["seconds"].as_f64() {
+        Some(secs) => println!(", after {secs:.2} s"),
+        None => println!(),
     }
 }
 

@@ -176,6 +176,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/hearth/v1/sessions", get(crate::admin::sessions))
         .route("/hearth/v1/models/{id}/load", post(crate::admin::load))
         .route("/hearth/v1/models/{id}/unload", post(crate::admin::unload))
+        .route(
+            "/hearth/v1/models/{id}/page-cache",
+            get(crate::admin::page_cache),
+        )
+        .route(
+            "/hearth/v1/models/{id}/page-cache/evict",
+            post(crate::admin::page_cache_evict),
+        )
+        .route(
+            "/hearth/v1/models/{id}/prewarm",
+            post(crate::admin::prewarm),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(guarded)
