@@ -7,6 +7,7 @@ The same preset and seed always give the same bytes.
 
     python models/gen_gguf.py --preset tiny --out gen-tiny.gguf   # about 0.3 MB
     python models/gen_gguf.py --preset 300m --out gen-300m.gguf   # about 300 MB
+    python models/gen_gguf.py --preset 1500m --out gen-1500m.gguf # about 1.5 GB
 
 Gotcha: a random model emits arbitrary byte tokens; bytes 0x80-0xFF on their own are not valid UTF-8 and
 llama-server then answers HTTP 500. Those byte tokens are typed CONTROL (never rendered) instead of BYTE.
@@ -34,6 +35,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=4, n_ctx=2048),
     # 12 x (4 * 1024^2 + 3 * 1024 * 2816) + 2 * 1024 * vocab ~ 155M parameters, ~310 MB
     "300m": dict(n_embd=1024, n_ff=2816, n_layer=12, n_head=16, n_head_kv=16, n_ctx=2048),
+    # 15 x (4 * 2048^2 + 3 * 2048 * 5632) + 2 * 2048 * vocab ~ 773M parameters, ~1.5 GB
+    # (`cargo xtask bench warm-tiers`; not made by setup)
+    "1500m": dict(n_embd=2048, n_ff=5632, n_layer=15, n_head=16, n_head_kv=16, n_ctx=2048),
 }
 
 CHATML_TEMPLATE = (

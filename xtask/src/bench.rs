@@ -4,13 +4,15 @@
 //! table and rewrites the results section of docs/benchmarks.md. Every process it starts is stopped again,
 //! error paths included (see `procs::Proc` and `procs::Reaper`). Only loopback addresses are used.
 //!
-//! `cargo xtask bench sensor` (`sensor.rs`) measures the gateway sensor's eBPF programs instead.
+//! `cargo xtask bench sensor` (`sensor.rs`) measures the gateway sensor's eBPF programs instead,
+//! `cargo xtask bench warm-tiers` (`warm.rs`) a model's start from disk against one from the page cache.
 
 mod client;
 mod procs;
 mod report;
 mod sensor;
 mod stats;
+mod warm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -99,6 +101,9 @@ pub enum BenchCmd {
     /// The sensor benchmark's server (started by `bench sensor` inside its cgroup)
     #[command(hide = true)]
     SensorServer(sensor::ServerArgs),
+    /// A llama.cpp model's start from disk against one from the page cache after `prewarm`, on a
+    /// generated ~1.5 GB model; rewrites its own section of docs/benchmarks.md
+    WarmTiers(warm::WarmArgs),
 }
 
 struct Paths {
@@ -295,6 +300,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match &args.cmd {
         Some(BenchCmd::Sensor(s)) => return sensor::run(s),
         Some(BenchCmd::SensorServer(s)) => return sensor::serve(s),
+        Some(BenchCmd::WarmTiers(w)) => return warm::run(w),
         None => {}
     }
     if args.phase_secs <= 0.0 || args.phase_secs > 60.0 {

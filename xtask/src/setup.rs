@@ -647,7 +647,7 @@ fn stamp_file(stamp: &Stamp, path: &Path, sha: &str) -> Result<()> {
 
 /// `models/<name>`, written by models/gen_gguf.py. Regenerated only when the script, the preset or the
 /// seed changed, or the file is not the one that was generated.
-fn generated(dev: &Dev, name: &str, preset: &str, seed: u32) -> Result<()> {
+pub fn generated(dev: &Dev, name: &str, preset: &str, seed: u32) -> Result<()> {
     let script = dev.root.join("models/gen_gguf.py");
     let dest = dev.models().join(name);
     let key = util::sha256_bytes(&[
