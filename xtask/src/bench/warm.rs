@@ -733,6 +733,18 @@ fn markdown(r: &Results) -> String {
             r.model_bytes as f64 / 1e6 / p.max(1e-9)
         );
     }
+    if let (Some(c), Some(w), Some(p)) = (cold_load, cached_load, prewarm) {
+        let verdict = if p + w < c {
+            "faster even back to back"
+        } else {
+            "slower back to back: the prewarm pays off only when it runs ahead of the request, off its path"
+        };
+        let _ = writeln!(
+            o,
+            "- Prewarm immediately followed by the start (medians added): {:.2} s against {c:.2} s cold from disk: {verdict}.",
+            p + w
+        );
+    }
     let res = |f: &dyn Fn(&Round) -> f64| {
         let v = v(f);
         let (lo, hi) = min_max(&v);
@@ -745,7 +757,17 @@ fn markdown(r: &Results) -> String {
         res(&|x| x.cold.resident_after),
         res(&|x| x.cached.resident_before)
     );
-    let evictions: Vec<&str> = r.rounds.iter().map(|x| x.evicted_with).collect();
+    let mut evictions: Vec<(&str, usize)> = Vec::new();
+    for x in &r.rounds {
+        match evictions.iter_mut().find(|(w, _)| *w == x.evicted_with) {
+            Some((_, n)) => *n += 1,
+            None => evictions.push((x.evicted_with, 1)),
+        }
+    }
+    let evictions: Vec<String> = evictions
+        .iter()
+        .map(|(w, n)| format!("{w} ({n} of {})", r.rounds.len()))
+        .collect();
     let _ = writeln!(o, "- Cold starts evicted with: {}.", evictions.join(", "));
     let _ = writeln!(o, "\n#### Observations\n");
     if r.notes.is_empty() {
