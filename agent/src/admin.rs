@@ -111,6 +111,23 @@ pub async fn unload(
     request(&st, &id, "unload")
 }
 
+/// POST /hearth/v1/models/{id}/sleep: put a loaded vLLM model with sleep mode to sleep once it has
+/// nothing in flight (409 when it has no sleep mode or is not loaded).
+pub async fn sleep(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let i = st.resolve(&id)?;
+    st.supervisor
+        .sleep(i)
+        .await
+        .map_err(|why| ApiError::new(StatusCode::CONFLICT, "cannot_sleep", why))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"model": st.config.models[i].id, "requested": "sleep"})),
+    ))
+}
+
 /// Hands a load or unload request to the supervisor (which decides when it can happen).
 fn request(st: &AppState, name: &str, what: &'static str) -> Result<impl IntoResponse, ApiError> {
     let i = st.resolve(name)?;

@@ -95,7 +95,78 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct ResourcesConfig {
     pub host_memory_mb: u64,
+    /// Subtracted from every GPU's memory: what hearth never schedules (driver, display, others).
+    pub gpu_reserve_mb: u64,
+    /// GPU pools declared in the file (`[[resources.gpus]]`): the pools when NVML is absent, caps
+    /// on the measured memory when it is present.
+    pub gpus: Vec<GpuDecl>,
+    /// Whether to measure GPUs with NVML.
+    pub nvml: NvmlMode,
+    /// How long to wait, after a runtime on a GPU exits, for NVML to show its memory freed.
+    pub gpu_release_timeout: Duration,
+    /// How often NVML is read.
+    pub gpu_poll_interval: Duration,
 }
+
+/// A GPU declared in the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuDecl {
+    pub index: u32,
+    pub memory_mb: u64,
+}
+
+/// Whether GPUs are measured with NVML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvmlMode {
+    /// Use NVML when the driver's library loads; else the declared pools.
+    Auto,
+    /// Refuse to start without NVML.
+    Required,
+    /// Never load NVML: only the declared pools.
+    Off,
+}
+
+/// Which GPUs a model may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuPlacement {
+    /// One GPU, chosen by the scheduler among those where it fits.
+    Any,
+    /// Exactly these GPUs (several: the model is split across them, `vram_mb` on each).
+    On(Vec<u32>),
+}
+
+/// vLLM's sleep mode: what an idle model keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SleepLevel {
+    /// Level 1: weights offloaded to host RAM, KV cache discarded.
+    Level1,
+    /// Level 2: weights and KV cache discarded (reloaded from disk on wake).
+    Level2,
+}
+
+impl SleepLevel {
+    pub fn number(self) -> u8 {
+        match self {
+            SleepLevel::Level1 => 1,
+            SleepLevel::Level2 => 2,
+        }
+    }
+}
+
+/// What a model holds on the GPU and in host RAM while it sleeps (vLLM sleep mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SleepConfig {
+    pub level: SleepLevel,
+    /// Host RAM held while asleep.
+    pub memory_mb: u64,
+    /// VRAM held while asleep (the CUDA context and what vLLM keeps), on each placed GPU.
+    pub vram_mb: u64,
+    /// Asleep this long: stopped.
+    pub keep_asleep: KeepWarm,
+}
+
+/// Default VRAM a sleeping vLLM keeps (its CUDA context and allocator pools), per GPU.
+pub const DEFAULT_SLEEP_VRAM_MB: u64 = 512;
 
 /// Whether runtimes go into cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +264,18 @@ pub struct ModelConfig {
     pub stop_timeout: Duration,
     pub queue: QueueConfig,
     pub limits: ModelLimits,
+    /// VRAM held while loaded, on each GPU it is placed on (0: no GPU).
+    pub vram_mb: u64,
+    pub gpus: GpuPlacement,
+    /// vLLM sleep mode instead of a stop when idle or when its GPU memory is needed.
+    pub sleep: Option<SleepConfig>,
+}
+
+impl ModelConfig {
+    /// Whether the model runs on GPUs.
+    pub fn uses_gpu(&self) -> bool {
+        self.vram_mb > 0
+    }
 }
 
 /// Which process is the chat gateway the sensor watches.
@@ -293,6 +376,24 @@ struct RawServer {
 #[derive(Deserialize, Default)]
 struct RawResources {
     host_memory_mb: Option<u64>,
+    gpu_reserve_mb: Option<u64>,
+    gpus: Option<Vec<RawGpu>>,
+    nvml: Option<String>,
+    gpu_release_timeout: Option<String>,
+    gpu_poll_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawGpu {
+    index: Option<u32>,
+    memory_mb: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawGpus {
+    List(Vec<u32>),
+    Word(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -363,6 +464,12 @@ struct RawModel {
     pids_max: Option<u64>,
     cpuset: Option<String>,
     run_as: Option<String>,
+    vram_mb: Option<u64>,
+    gpus: Option<RawGpus>,
+    sleep: Option<String>,
+    sleep_memory_mb: Option<u64>,
+    sleep_vram_mb: Option<u64>,
+    keep_asleep: Option<String>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -879,6 +986,83 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
         }
     };
 
+    let gpu_reserve_mb = raw_res.gpu_reserve_mb.unwrap_or(0);
+    let nvml = match raw_res.nvml.as_deref() {
+        None | Some("auto") => NvmlMode::Auto,
+        Some("required") => NvmlMode::Required,
+        Some("off") => NvmlMode::Off,
+        Some(other) => {
+            problem(
+                problems,
+                "resources.nvml",
+                format!("{other:?}: expected \"auto\", \"required\" or \"off\""),
+            );
+            NvmlMode::Auto
+        }
+    };
+    let gpu_release_timeout = duration(
+        &raw_res.gpu_release_timeout,
+        Duration::from_secs(15),
+        "resources.gpu_release_timeout".into(),
+        problems,
+    );
+    let gpu_poll_interval = duration(
+        &raw_res.gpu_poll_interval,
+        Duration::from_millis(500),
+        "resources.gpu_poll_interval".into(),
+        problems,
+    );
+    if gpu_poll_interval < Duration::from_millis(50) {
+        problem(
+            problems,
+            "resources.gpu_poll_interval",
+            "must be at least 50ms",
+        );
+    }
+    let mut gpus: Vec<GpuDecl> = Vec::new();
+    for (j, g) in raw_res.gpus.unwrap_or_default().into_iter().enumerate() {
+        let key = |f: &str| format!("resources.gpus[{j}].{f}");
+        if g.index.is_none() {
+            problem(
+                problems,
+                key("index"),
+                "missing: the GPU's index (as nvidia-smi numbers it)",
+            );
+        }
+        match g.memory_mb {
+            Some(0) | None => {
+                problem(
+                    problems,
+                    key("memory_mb"),
+                    "missing or 0: the GPU's memory in MB",
+                );
+            }
+            Some(m) if m <= gpu_reserve_mb => problem(
+                problems,
+                key("memory_mb"),
+                format!("{m} MB leaves nothing after resources.gpu_reserve_mb = {gpu_reserve_mb}"),
+            ),
+            Some(_) => {}
+        }
+        let (Some(index), Some(memory_mb)) = (g.index, g.memory_mb) else {
+            continue;
+        };
+        if gpus.iter().any(|d| d.index == index) {
+            problem(
+                problems,
+                key("index"),
+                format!("GPU {index} is declared twice"),
+            );
+            continue;
+        }
+        gpus.push(GpuDecl { index, memory_mb });
+    }
+    let gpu_budget = |index: u32| {
+        gpus.iter()
+            .find(|d| d.index == index)
+            .map(|d| d.memory_mb.saturating_sub(gpu_reserve_mb))
+    };
+
     let raw_models: Vec<(usize, RawModel)> = match root.get("models") {
         None => {
             problem(problems, "models", "no [[models]] entry: nothing to serve");
@@ -966,8 +1150,17 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
                 match &m.model_path {
                     Some(p) if !p.trim().is_empty() => {
                         // A missing file is not a config error: it may appear later, and the start
-                        // failure then says so with the runtime's own log lines.
-                        model_path = Some(base.join(p));
+                        // failure then says so with the runtime's own log lines. vLLM also takes a
+                        // Hugging Face id ("org/name"): kept as written unless it names a path.
+                        let local = p.starts_with('/')
+                            || p.starts_with("./")
+                            || p.starts_with("../")
+                            || base.join(p).exists();
+                        model_path = Some(if runtime == RuntimeKind::Vllm && !local {
+                            PathBuf::from(p)
+                        } else {
+                            base.join(p)
+                        });
                     }
                     _ => problem(
                         problems,
@@ -1158,6 +1351,166 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
         if let Some(u) = &m.run_as {
             check_user(label("run_as"), u, problems);
         }
+        let vram_mb = m.vram_mb.unwrap_or(0);
+        let gpus_placement = match &m.gpus {
+            None => GpuPlacement::Any,
+            Some(RawGpus::Word(w)) if w == "any" => GpuPlacement::Any,
+            Some(RawGpus::Word(w)) => {
+                problem(
+                    problems,
+                    label("gpus"),
+                    format!("{w:?}: expected \"any\" or a list of GPU indices such as [0]"),
+                );
+                GpuPlacement::Any
+            }
+            Some(RawGpus::List(l)) => {
+                let mut l = l.clone();
+                l.sort_unstable();
+                let n = l.len();
+                l.dedup();
+                if l.is_empty() {
+                    problem(
+                        problems,
+                        label("gpus"),
+                        "an empty list: give GPU indices or \"any\"",
+                    );
+                } else if l.len() != n {
+                    problem(problems, label("gpus"), "lists a GPU twice");
+                }
+                GpuPlacement::On(l)
+            }
+        };
+        if m.gpus.is_some() && vram_mb == 0 {
+            problem(
+                problems,
+                label("gpus"),
+                "set vram_mb too: what the model holds on each GPU, in MB",
+            );
+        }
+        if runtime == RuntimeKind::Vllm && vram_mb == 0 {
+            problem(
+                problems,
+                label("vram_mb"),
+                "missing: vLLM runs on a GPU; give what the model holds there, in MB (it sets --gpu-memory-utilization)",
+            );
+        }
+        if vram_mb > 0 && !gpus.is_empty() {
+            let listed: Vec<u32> = match &gpus_placement {
+                GpuPlacement::On(l) => l.clone(),
+                GpuPlacement::Any => Vec::new(),
+            };
+            for g in &listed {
+                match gpu_budget(*g) {
+                    None => problem(
+                        problems,
+                        label("gpus"),
+                        format!(
+                            "GPU {g} is not declared in [[resources.gpus]] (declared: {})",
+                            gpus.iter().map(|d| d.index.to_string()).collect::<Vec<_>>().join(", ")
+                        ),
+                    ),
+                    Some(b) if vram_mb > b => problem(
+                        problems,
+                        label("vram_mb"),
+                        format!("{vram_mb} MB does not fit on GPU {g} ({b} MB: memory_mb - resources.gpu_reserve_mb)"),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if listed.is_empty() {
+                let best = gpus
+                    .iter()
+                    .map(|d| d.memory_mb.saturating_sub(gpu_reserve_mb))
+                    .max()
+                    .unwrap_or(0);
+                if vram_mb > best {
+                    problem(
+                        problems,
+                        label("vram_mb"),
+                        format!("{vram_mb} MB does not fit on any declared GPU (largest budget {best} MB)"),
+                    );
+                }
+            }
+        }
+        let sleep = match m.sleep.as_deref().map(str::trim) {
+            None | Some("off") => None,
+            Some(level @ ("level1" | "level2" | "1" | "2")) => {
+                let level = if level.ends_with('1') {
+                    SleepLevel::Level1
+                } else {
+                    SleepLevel::Level2
+                };
+                if runtime != RuntimeKind::Vllm {
+                    problem(
+                        problems,
+                        label("sleep"),
+                        format!(
+                            "sleep mode is vLLM's (this model's runtime is {:?})",
+                            runtime.as_str()
+                        ),
+                    );
+                }
+                let memory = m.sleep_memory_mb.unwrap_or(match level {
+                    SleepLevel::Level1 => memory_mb + vram_mb,
+                    SleepLevel::Level2 => memory_mb,
+                });
+                if host_memory_mb > 0 && memory > host_memory_mb {
+                    problem(
+                        problems,
+                        label("sleep_memory_mb"),
+                        format!("{memory} MB asleep does not fit in pool \"host\" ({host_memory_mb} MB){}", if m.sleep_memory_mb.is_none() { " (default for level 1: memory_mb + vram_mb; set sleep_memory_mb to what the weights take)" } else { "" }),
+                    );
+                }
+                let vram = m
+                    .sleep_vram_mb
+                    .unwrap_or(DEFAULT_SLEEP_VRAM_MB.min(vram_mb));
+                if vram > vram_mb {
+                    problem(
+                        problems,
+                        label("sleep_vram_mb"),
+                        format!("{vram} MB asleep is more than vram_mb = {vram_mb} awake"),
+                    );
+                }
+                let keep_asleep = match m.keep_asleep.as_deref().map(str::trim) {
+                    None | Some("forever") | Some("never") => KeepWarm::Forever,
+                    Some(_) => KeepWarm::For(duration(
+                        &m.keep_asleep,
+                        Duration::from_secs(3600),
+                        label("keep_asleep"),
+                        problems,
+                    )),
+                };
+                Some(SleepConfig {
+                    level,
+                    memory_mb: memory,
+                    vram_mb: vram,
+                    keep_asleep,
+                })
+            }
+            Some(other) => {
+                problem(
+                    problems,
+                    label("sleep"),
+                    format!("{other:?}: expected \"off\", \"level1\" or \"level2\""),
+                );
+                None
+            }
+        };
+        if sleep.is_none() {
+            for (set, key) in [
+                (m.sleep_memory_mb.is_some(), "sleep_memory_mb"),
+                (m.sleep_vram_mb.is_some(), "sleep_vram_mb"),
+                (m.keep_asleep.is_some(), "keep_asleep"),
+            ] {
+                if set {
+                    problem(
+                        problems,
+                        label(key),
+                        "only with sleep = \"level1\" or \"level2\"",
+                    );
+                }
+            }
+        }
         let limits = ModelLimits {
             memory_max,
             memory_max_explicit,
@@ -1186,6 +1539,9 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
             stop_timeout,
             queue,
             limits,
+            vram_mb,
+            gpus: gpus_placement,
+            sleep,
         });
     }
     let port_count = runtime_ports.clone().count();
@@ -1205,7 +1561,14 @@ fn parse_inner(text: &str, base: &Path, problems: &mut Vec<Problem>) -> Option<C
             runtime_ports,
             worker_threads,
         },
-        resources: ResourcesConfig { host_memory_mb },
+        resources: ResourcesConfig {
+            host_memory_mb,
+            gpu_reserve_mb,
+            gpus,
+            nvml,
+            gpu_release_timeout,
+            gpu_poll_interval,
+        },
         confinement: ConfinementConfig {
             cgroups,
             cgroup_name,
@@ -1268,6 +1631,169 @@ keep_warm = "forever"
             Some(Path::new("/abs/b.gguf"))
         );
         assert_eq!(cfg.server.api_keys, vec!["sk-local"]);
+    }
+
+    fn parse_with_vllm(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["llama-server", "vllm"] {
+            std::fs::write(dir.path().join(name), "").expect("write");
+        }
+        let text = text
+            .replace(
+                "LLAMA",
+                &dir.path().join("llama-server").display().to_string(),
+            )
+            .replace("VLLM", &dir.path().join("vllm").display().to_string());
+        Config::parse(&text, Path::new("t.toml"), dir.path())
+    }
+
+    #[test]
+    fn gpu_pools_placement_and_sleep_parse_with_defaults() {
+        let cfg = parse_with_vllm(
+            r#"
+[resources]
+host_memory_mb = 64000
+gpu_reserve_mb = 1000
+[[resources.gpus]]
+index = 0
+memory_mb = 81559
+[[resources.gpus]]
+index = 1
+memory_mb = 81559
+[runtimes]
+vllm = "VLLM"
+llama_server = "LLAMA"
+[[models]]
+id = "big"
+runtime = "vllm"
+model_path = "Qwen/Qwen2.5-7B-Instruct"
+memory_mb = 2000
+vram_mb = 40000
+gpus = [1, 0]
+sleep = "level1"
+keep_asleep = "30m"
+[[models]]
+id = "small"
+runtime = "vllm"
+model_path = "org/small"
+memory_mb = 1000
+vram_mb = 10000
+sleep = "level2"
+[[models]]
+id = "gguf"
+runtime = "llama-cpp"
+model_path = "m.gguf"
+memory_mb = 500
+vram_mb = 600
+"#,
+        )
+        .expect("valid");
+        let r = &cfg.resources;
+        assert_eq!(r.gpu_reserve_mb, 1000);
+        assert_eq!(r.gpus.len(), 2);
+        assert_eq!(r.nvml, NvmlMode::Auto);
+        assert_eq!(r.gpu_release_timeout, Duration::from_secs(15));
+        let big = &cfg.models[0];
+        // A Hugging Face id stays as written; a path is resolved.
+        assert_eq!(
+            big.model_path.as_deref(),
+            Some(Path::new("Qwen/Qwen2.5-7B-Instruct"))
+        );
+        assert!(cfg.models[2]
+            .model_path
+            .as_ref()
+            .expect("path")
+            .is_absolute());
+        assert_eq!(big.gpus, GpuPlacement::On(vec![0, 1]));
+        let s = big.sleep.expect("sleep");
+        assert_eq!(s.level, SleepLevel::Level1);
+        assert_eq!(s.memory_mb, 42000, "level 1 default: memory_mb + vram_mb");
+        assert_eq!(s.vram_mb, DEFAULT_SLEEP_VRAM_MB);
+        assert_eq!(s.keep_asleep, KeepWarm::For(Duration::from_secs(1800)));
+        let small = cfg.models[1].sleep.expect("sleep");
+        assert_eq!(small.memory_mb, 1000, "level 2 default: memory_mb");
+        assert_eq!(small.keep_asleep, KeepWarm::Forever);
+        assert_eq!(cfg.models[1].gpus, GpuPlacement::Any);
+        assert!(cfg.models[2].uses_gpu() && cfg.models[2].sleep.is_none());
+    }
+
+    #[test]
+    fn gpu_and_sleep_problems_are_all_reported() {
+        let err = parse_with_vllm(
+            r#"
+[resources]
+host_memory_mb = 4000
+gpu_reserve_mb = 500
+nvml = "sometimes"
+gpus = [{ index = 0, memory_mb = 20000 }, { index = 0, memory_mb = 1 }, { memory_mb = 5 }]
+[runtimes]
+vllm = "VLLM"
+llama_server = "LLAMA"
+[[models]]
+id = "novram"
+runtime = "vllm"
+model_path = "org/m"
+memory_mb = 100
+[[models]]
+id = "toobig"
+runtime = "vllm"
+model_path = "org/m"
+memory_mb = 100
+vram_mb = 30000
+[[models]]
+id = "nogpu"
+runtime = "vllm"
+model_path = "org/m"
+memory_mb = 100
+vram_mb = 100
+gpus = [3]
+sleep = "deep"
+[[models]]
+id = "cpp"
+runtime = "llama-cpp"
+model_path = "m.gguf"
+memory_mb = 100
+gpus = "all"
+sleep = "level1"
+[[models]]
+id = "asleep"
+runtime = "vllm"
+model_path = "org/m"
+memory_mb = 100
+vram_mb = 10000
+sleep = "level1"
+keep_asleep = "later"
+[[models]]
+id = "stray"
+runtime = "vllm"
+model_path = "org/m"
+memory_mb = 100
+vram_mb = 100
+sleep_vram_mb = 5
+"#,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for expected in [
+            "resources.nvml",
+            "resources.gpus[1].index",
+            "resources.gpus[2].index",
+            "resources.gpus[2].memory_mb",
+            "models[0] (novram).vram_mb",
+            "models[1] (toobig).vram_mb",
+            "models[2] (nogpu).gpus",
+            "models[2] (nogpu).sleep",
+            "models[3] (cpp).gpus",
+            "models[3] (cpp).sleep",
+            "models[4] (asleep).sleep_memory_mb",
+            "models[4] (asleep).keep_asleep",
+            "models[5] (stray).sleep_vram_mb",
+        ] {
+            assert!(
+                err.problems.iter().any(|p| p.key == expected),
+                "missing {expected} in:\n{text}"
+            );
+        }
     }
 
     #[test]

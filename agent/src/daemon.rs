@@ -28,6 +28,8 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Confine(#[from] ConfineError),
+    #[error("GPUs")]
+    Gpu(#[from] crate::gpu::GpuError),
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
 }
@@ -54,11 +56,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             tracing::warn!("hearth is not root: runtimes run as hearth's own user");
         }
     }
+    let gpus = crate::gpu::setup(&config.resources)?;
+    crate::gpu::check_models(&config.models, &gpus.pools)?;
+    if gpus.nvml.is_some() {
+        tracing::info!(gpus = %gpus.reason, "GPU memory is measured with NVML");
+    } else if gpus.pools.is_empty() {
+        tracing::info!(gpus = %gpus.reason, "no GPU pools");
+    } else {
+        tracing::warn!(gpus = %gpus.reason, "GPU memory is NOT measured");
+    }
     let supervisor = Supervisor::start(
         config.clone(),
         confinement,
         metrics.clone(),
         Box::new(LongestIdle),
+        gpus,
     );
     let sensor = crate::sensor::Sensor::start(&config.sensor, metrics.clone());
     let state = AppState::new(config.clone(), supervisor.clone(), sensor, metrics);

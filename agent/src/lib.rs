@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod config;
 pub mod confine;
 pub mod daemon;
+pub mod gpu;
 pub mod metrics;
 pub mod pagecache;
 pub mod proxy;

@@ -274,6 +274,40 @@ fn print_status(v: &Value) {
     if sensor.is_object() {
         println!("sensor: {} ({})", s(&sensor["state"]), s(&sensor["reason"]));
     }
+    println!("gpus: {}", s(&v["gpu"]["reason"]));
+    for g in v["gpus"].as_array().into_iter().flatten() {
+        let procs: Vec<String> = g["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "pid {} {} MB{}",
+                    s(&p["pid"]),
+                    mb(&p["used_bytes"]),
+                    p["model"]
+                        .as_str()
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        println!(
+            "gpu {} {}: {} MB total, budget {} MB, accounted {} MB, measured {} MB (others {} MB){}",
+            s(&g["index"]),
+            s(&g["name"]),
+            mb(&g["memory_total_bytes"]),
+            mb(&g["budget_bytes"]),
+            mb(&g["used_bytes"]),
+            mb(&g["measured_used_bytes"]),
+            mb(&g["foreign_bytes"]),
+            if procs.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", procs.join(", "))
+            }
+        );
+    }
     if let Some(pools) = v["pools"].as_array() {
         for p in pools {
             println!(
@@ -326,6 +360,32 @@ fn print_status(v: &Value) {
             println!("  {:<18} cgroup {}", "", paths.join(", "));
         }
         if let Some(w) = m["memory_warning"].as_str() {
+            println!("  {:<18} warning: {w}", "");
+        }
+        if m["vram_mb"].as_u64().unwrap_or(0) > 0 {
+            let gpus: Vec<String> = m["gpus"].as_array().into_iter().flatten().map(s).collect();
+            println!(
+                "  {:<18} tier {}; gpus [{}]; vram accounted {} MB (declared {}, observed {}), in use {} MB{}",
+                "",
+                s(&m["tier"]),
+                gpus.join(","),
+                mb(&m["vram_bytes"]),
+                s(&m["vram_mb"]),
+                s(&m["vram_observed_mb"]),
+                mb(&m["vram_used_bytes"]),
+                m["sleep_level"]
+                    .as_u64()
+                    .map(|l| format!(
+                        "; sleep level {l} ({} MB host, {} MB vram asleep); sleeps {}, wakes {}",
+                        s(&m["asleep_memory_mb"]),
+                        s(&m["asleep_vram_mb"]),
+                        s(&m["sleeps_total"]),
+                        s(&m["wakes_total"])
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(w) = m["vram_warning"].as_str() {
             println!("  {:<18} warning: {w}", "");
         }
     }

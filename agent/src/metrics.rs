@@ -64,6 +64,17 @@ pub struct Metrics {
     pub gateway_sessions: IntGaugeVec,
     pub gateway_bytes: IntCounterVec,
     pub sensor_dropped: IntGaugeVec,
+    pub model_tier: IntGaugeVec,
+    pub model_vram: IntGaugeVec,
+    pub sleeps: IntCounterVec,
+    pub wakes: IntCounterVec,
+    pub gpu_total: IntGaugeVec,
+    pub gpu_budget: IntGaugeVec,
+    pub gpu_used: IntGaugeVec,
+    pub gpu_measured: IntGaugeVec,
+    pub gpu_foreign: IntGaugeVec,
+    pub runtime_vram: IntGaugeVec,
+    pub gpu_release_wait: HistogramVec,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(
@@ -243,6 +254,68 @@ impl Metrics {
                 "hearth_confinement_info",
                 "1 for how runtimes are confined: cgroups = cgroup v1 | cgroup v2 | off",
                 &["cgroups", "run_as_switch"],
+            )?,
+            model_tier: gauge(
+                "hearth_model_tier",
+                "1 for where the model's memory is: hot, sleeping (vLLM sleep mode) or cold",
+                &["model", "tier"],
+            )?,
+            model_vram: gauge(
+                "hearth_model_vram_bytes",
+                "VRAM the scheduler accounts for the model on each GPU it is placed on",
+                &["model", "gpu"],
+            )?,
+            sleeps: counter(
+                "hearth_model_sleeps_total",
+                "Times a model was put to sleep (vLLM sleep mode), by level",
+                &["model", "level"],
+            )?,
+            wakes: counter(
+                "hearth_model_wakes_total",
+                "Wake-ups of a sleeping model, by outcome (ok, failed)",
+                &["model", "outcome"],
+            )?,
+            gpu_total: gauge(
+                "hearth_gpu_memory_total_bytes",
+                "A GPU's memory (NVML, or as declared)",
+                &["gpu"],
+            )?,
+            gpu_budget: gauge(
+                "hearth_gpu_memory_budget_bytes",
+                "What hearth may schedule on a GPU: total - gpu_reserve_mb - memory used by processes that are not hearth's runtimes",
+                &["gpu"],
+            )?,
+            gpu_used: gauge(
+                "hearth_gpu_memory_used_bytes",
+                "GPU memory the scheduler accounts to models",
+                &["gpu"],
+            )?,
+            gpu_measured: gauge(
+                "hearth_gpu_memory_measured_bytes",
+                "GPU memory in use as NVML reports it (every process and the driver)",
+                &["gpu"],
+            )?,
+            gpu_foreign: gauge(
+                "hearth_gpu_memory_foreign_bytes",
+                "GPU memory NVML shows in use that is not hearth's runtimes",
+                &["gpu"],
+            )?,
+            runtime_vram: gauge(
+                "hearth_runtime_vram_bytes",
+                "GPU memory the runtime's processes use (NVML, per process, summed)",
+                &["model", "gpu"],
+            )?,
+            gpu_release_wait: reg(
+                &r,
+                "hearth_gpu_release_wait_seconds",
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "hearth_gpu_release_wait_seconds",
+                        "Time from a runtime's exit until NVML showed its GPU memory freed",
+                    )
+                    .buckets(exponential_buckets(0.01, 2.0, 12).unwrap_or_default()),
+                    &["gpu"],
+                ),
             )?,
             registry: r,
         })

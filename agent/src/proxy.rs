@@ -176,6 +176,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/hearth/v1/sessions", get(crate::admin::sessions))
         .route("/hearth/v1/models/{id}/load", post(crate::admin::load))
         .route("/hearth/v1/models/{id}/unload", post(crate::admin::unload))
+        .route("/hearth/v1/models/{id}/sleep", post(crate::admin::sleep))
         .route(
             "/hearth/v1/models/{id}/page-cache",
             get(crate::admin::page_cache),

@@ -109,6 +109,13 @@ pub enum RuntimeEvent {
         /// for) included, each shared page split between its users.
         resident_bytes: Option<u64>,
     },
+    /// A sleep or a wake-up (vLLM sleep mode) finished.
+    Transition {
+        model: usize,
+        generation: u64,
+        kind: TransitionKind,
+        result: Result<(), String>,
+    },
     /// The runtime exited; with a cgroup, everything in it is gone and the cgroup removed.
     Exited {
         model: usize,
@@ -135,8 +142,45 @@ pub struct RuntimeProcess {
     probe: tokio::task::JoinHandle<()>,
 }
 
+/// Where a runtime runs: the GPUs the scheduler placed it on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// GPU indices (as NVML and `nvidia-smi` number them); empty: host only.
+    pub gpus: Vec<u32>,
+    /// The smallest memory among those GPUs, in MB (sets vLLM's `--gpu-memory-utilization`).
+    pub gpu_total_mb: Option<u64>,
+}
+
+impl Placement {
+    fn visible_devices(&self) -> String {
+        self.gpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The environment hearth adds for a placement: which GPUs the runtime sees, and vLLM's dev mode
+/// for its sleep endpoints.
+pub fn placement_env(m: &ModelConfig, placement: &Placement) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if m.uses_gpu() && !placement.gpus.is_empty() {
+        let devices = placement.visible_devices();
+        env.push(("CUDA_VISIBLE_DEVICES".into(), devices.clone()));
+        if m.runtime == RuntimeKind::LlamaCpp {
+            // ggml's Vulkan backend numbers devices itself (in the same order on one-GPU hosts).
+            env.push(("GGML_VK_VISIBLE_DEVICES".into(), devices));
+        }
+    }
+    if m.runtime == RuntimeKind::Vllm && m.sleep.is_some() {
+        env.push(("VLLM_SERVER_DEV_MODE".into(), "1".into()));
+    }
+    env
+}
+
 /// The argv (program and arguments) for a model on `port`.
-pub fn argv(m: &ModelConfig, port: u16) -> (PathBuf, Vec<OsString>) {
+pub fn argv(m: &ModelConfig, port: u16, placement: &Placement) -> (PathBuf, Vec<OsString>) {
     let host = "127.0.0.1";
     let has = |names: &[&str]| m.args.iter().any(|a| names.contains(&a.as_str()));
     let mut out: Vec<OsString> = Vec::new();
@@ -162,6 +206,10 @@ pub fn argv(m: &ModelConfig, port: u16) -> (PathBuf, Vec<OsString>) {
                     out.push("--kv-unified".into());
                 }
             }
+            if m.uses_gpu() && !has(&["-ngl", "--n-gpu-layers", "--gpu-layers"]) {
+                // A model given VRAM is offloaded whole unless the args say otherwise.
+                out.extend(["--n-gpu-layers".into(), "999".into()]);
+            }
         }
         RuntimeKind::Vllm => {
             out.extend(["serve".into(), model_path.into_os_string()]);
@@ -184,6 +232,21 @@ pub fn argv(m: &ModelConfig, port: u16) -> (PathBuf, Vec<OsString>) {
                     m.max_concurrency.to_string().into(),
                 ]);
             }
+            if !has(&["--gpu-memory-utilization"]) {
+                if let Some(total) = placement.gpu_total_mb {
+                    let u = crate::gpu::memory_utilization(m.vram_mb, total);
+                    out.extend(["--gpu-memory-utilization".into(), format!("{u:.2}").into()]);
+                }
+            }
+            if placement.gpus.len() > 1 && !has(&["--tensor-parallel-size", "-tp"]) {
+                out.extend([
+                    "--tensor-parallel-size".into(),
+                    placement.gpus.len().to_string().into(),
+                ]);
+            }
+            if m.sleep.is_some() && !has(&["--enable-sleep-mode"]) {
+                out.push("--enable-sleep-mode".into());
+            }
         }
         RuntimeKind::Command => {
             let mp = m
@@ -197,6 +260,7 @@ pub fn argv(m: &ModelConfig, port: u16) -> (PathBuf, Vec<OsString>) {
                         .replace("{host}", host)
                         .replace("{model_path}", &mp)
                         .replace("{id}", &m.id)
+                        .replace("{gpus}", &placement.visible_devices())
                         .into(),
                 );
             }
@@ -223,13 +287,15 @@ pub fn spawn(
     m: &ModelConfig,
     port: u16,
     sandbox: Sandbox,
+    placement: &Placement,
     events: mpsc::UnboundedSender<RuntimeEvent>,
 ) -> Result<RuntimeProcess, RuntimeError> {
-    let (program, args) = argv(m, port);
+    let (program, args) = argv(m, port, placement);
     let mut cmd = Command::new(&program);
     cmd.args(&args)
         .env_clear()
         .envs(sandbox.env.iter().map(|(k, v)| (k, v)))
+        .envs(placement_env(m, placement))
         .envs(&m.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -596,6 +662,104 @@ async fn probe_ready(
     });
 }
 
+/// Which way a sleep-mode transition goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionKind {
+    Sleep,
+    Wake,
+}
+
+impl TransitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionKind::Sleep => "sleep",
+            TransitionKind::Wake => "wake",
+        }
+    }
+}
+
+type DevClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<bytes::Bytes>>;
+
+/// One call to a runtime's dev endpoint; the body, or why it failed.
+async fn dev_call(
+    client: &DevClient,
+    method: http::Method,
+    addr: SocketAddr,
+    path_and_query: &str,
+    timeout: Duration,
+) -> Result<bytes::Bytes, String> {
+    let req = http::Request::builder()
+        .method(method.clone())
+        .uri(format!("http://{addr}{path_and_query}"))
+        .body(Empty::new())
+        .map_err(|e| format!("{method} {path_and_query}: {e}"))?;
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| format!("{method} {path_and_query}: no answer in {timeout:?}"))?
+        .map_err(|e| format!("{method} {path_and_query}: {e}"))?;
+    let status = resp.status();
+    let body = tokio::time::timeout(timeout, resp.into_body().collect())
+        .await
+        .map_err(|_| format!("{method} {path_and_query}: body not read in {timeout:?}"))?
+        .map_err(|e| format!("{method} {path_and_query}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body);
+        let text: String = text.chars().take(300).collect();
+        return Err(format!("{method} {path_and_query}: HTTP {status}: {text}"));
+    }
+    Ok(body)
+}
+
+/// `GET /is_sleeping` → `{"is_sleeping": bool}`.
+async fn is_sleeping(client: &DevClient, addr: SocketAddr) -> Result<bool, String> {
+    let body = dev_call(
+        client,
+        http::Method::GET,
+        addr,
+        "/is_sleeping",
+        Duration::from_secs(5),
+    )
+    .await?;
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("is_sleeping").and_then(serde_json::Value::as_bool))
+        .ok_or_else(|| {
+            format!(
+                "GET /is_sleeping: not {{\"is_sleeping\": bool}}: {}",
+                String::from_utf8_lossy(&body)
+            )
+        })
+}
+
+/// Puts a vLLM runtime to sleep (`POST /sleep?level=N`) or wakes it (`POST /wake_up`), then checks
+/// `GET /is_sleeping` until it agrees, within `timeout` in all.
+pub async fn transition(
+    addr: SocketAddr,
+    kind: TransitionKind,
+    level: u8,
+    timeout: Duration,
+) -> Result<(), String> {
+    let client: DevClient = Client::builder(TokioExecutor::new()).build_http();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (path, want) = match kind {
+        TransitionKind::Sleep => (format!("/sleep?level={level}"), true),
+        TransitionKind::Wake => ("/wake_up".to_string(), false),
+    };
+    dev_call(&client, http::Method::POST, addr, &path, timeout).await?;
+    loop {
+        let last = match is_sleeping(&client, addr).await {
+            Ok(s) if s == want => return Ok(()),
+            Ok(s) => format!("GET /is_sleeping still says {s}"),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{last} after {timeout:?}"));
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
 impl RuntimeProcess {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
@@ -701,6 +865,9 @@ mod tests {
                 cpuset: None,
                 run_as: None,
             },
+            vram_mb: 0,
+            gpus: crate::config::GpuPlacement::Any,
+            sleep: None,
         }
     }
 
@@ -710,7 +877,11 @@ mod tests {
 
     #[test]
     fn llama_cpp_argv_fills_context_and_slots_unless_given() {
-        let (_, a) = argv(&model(RuntimeKind::LlamaCpp, &["-t", "2"]), 41001);
+        let (_, a) = argv(
+            &model(RuntimeKind::LlamaCpp, &["-t", "2"]),
+            41001,
+            &Placement::default(),
+        );
         assert_eq!(
             s(&a),
             "-m /w/m.gguf --host 127.0.0.1 --port 41001 --alias m -c 4096 -np 2 --kv-unified -t 2"
@@ -720,6 +891,7 @@ mod tests {
         let (_, a) = argv(
             &model(RuntimeKind::LlamaCpp, &["-c", "1024", "-np", "1"]),
             41001,
+            &Placement::default(),
         );
         let a = s(&a);
         assert_eq!(a.iter().filter(|x| *x == "-c").count(), 1);
@@ -728,17 +900,71 @@ mod tests {
 
     #[test]
     fn vllm_and_command_argv() {
-        let (_, a) = argv(&model(RuntimeKind::Vllm, &[]), 5);
+        let (_, a) = argv(&model(RuntimeKind::Vllm, &[]), 5, &Placement::default());
         assert_eq!(
             s(&a).join(" "),
             "serve /w/m.gguf --host 127.0.0.1 --port 5 --served-model-name m --max-model-len 4096 --max-num-seqs 2"
         );
-        let (p, a) = argv(&model(RuntimeKind::Command, &["-v"]), 7);
+        let (p, a) = argv(
+            &model(RuntimeKind::Command, &["-v"]),
+            7,
+            &Placement::default(),
+        );
         assert_eq!(p, PathBuf::from("/bin/prog"));
         assert_eq!(s(&a).join(" "), "--listen 127.0.0.1:7 /w/m.gguf -v");
         assert_eq!(
             ready_paths(&model(RuntimeKind::Command, &[])),
             vec!["/ready"]
+        );
+    }
+
+    #[test]
+    fn gpu_placement_sets_utilization_parallelism_sleep_and_devices() {
+        let mut m = model(RuntimeKind::Vllm, &[]);
+        m.vram_mb = 40000;
+        m.sleep = Some(crate::config::SleepConfig {
+            level: crate::config::SleepLevel::Level1,
+            memory_mb: 1,
+            vram_mb: 1,
+            keep_asleep: KeepWarm::Forever,
+        });
+        let pl = Placement {
+            gpus: vec![0, 1],
+            gpu_total_mb: Some(80000),
+        };
+        let (_, a) = argv(&m, 5, &pl);
+        assert!(s(&a).join(" ").ends_with(
+            "--max-num-seqs 2 --gpu-memory-utilization 0.50 --tensor-parallel-size 2 --enable-sleep-mode"
+        ), "{:?}", s(&a));
+        let env = placement_env(&m, &pl);
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "0,1".into())));
+        assert!(env.contains(&("VLLM_SERVER_DEV_MODE".into(), "1".into())));
+        // An explicit flag wins.
+        let mut given = m.clone();
+        given.args = vec!["--gpu-memory-utilization".into(), "0.9".into()];
+        let (_, a) = argv(&given, 5, &pl);
+        assert_eq!(
+            s(&a)
+                .iter()
+                .filter(|x| *x == "--gpu-memory-utilization")
+                .count(),
+            1
+        );
+
+        let mut l = model(RuntimeKind::LlamaCpp, &[]);
+        l.vram_mb = 500;
+        let one = Placement {
+            gpus: vec![0],
+            gpu_total_mb: Some(80000),
+        };
+        let (_, a) = argv(&l, 5, &one);
+        assert!(s(&a).join(" ").contains("--n-gpu-layers 999"));
+        let env = placement_env(&l, &one);
+        assert!(env.contains(&("GGML_VK_VISIBLE_DEVICES".into(), "0".into())));
+        let (_, a) = argv(&model(RuntimeKind::LlamaCpp, &[]), 5, &one);
+        assert!(
+            !s(&a).join(" ").contains("--n-gpu-layers"),
+            "host-only models stay on the CPU"
         );
     }
 

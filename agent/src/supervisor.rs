@@ -13,15 +13,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cgroup::Stats;
-use crate::config::{Config, MemoryMax, ModelConfig};
+use crate::config::{Config, GpuPlacement, MemoryMax, ModelConfig};
 use crate::confine::{Confinement, ConfinementStatus};
+use crate::gpu::{GpuPool, GpuReading, GpuSetup};
 use crate::metrics::{Metrics, ModelGauges};
-use crate::runtime::{self, RuntimeEvent, RuntimeProcess};
+use crate::runtime::{self, Placement, RuntimeEvent, RuntimeProcess, TransitionKind};
 use crate::scheduler::{
-    self, Action, EvictReason, ModelView, Phase, Policy, Queued, Snapshot, Ticket,
+    self, Action, EvictReason, Footprint, ModelView, Phase, Policy, Pool, Queued, Snapshot, Ticket,
+    Tier, HOST,
 };
 
 /// Log lines quoted in errors.
@@ -101,6 +103,41 @@ pub struct PoolStatus {
     pub used_mb: u64,
 }
 
+/// One GPU process NVML reports, and the model it belongs to.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuProcessStatus {
+    pub pid: u32,
+    pub used_bytes: u64,
+    pub model: Option<String>,
+}
+
+/// One GPU pool, as `hearth status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuStatus {
+    pub index: u32,
+    pub name: String,
+    pub uuid: Option<String>,
+    pub source: crate::gpu::Source,
+    pub memory_total_bytes: u64,
+    /// What hearth may schedule there now: total - gpu_reserve_mb - foreign use.
+    pub budget_bytes: u64,
+    /// What the scheduler accounts to models there.
+    pub used_bytes: u64,
+    /// What NVML reports in use (every process and the driver); `None` without NVML.
+    pub measured_used_bytes: Option<u64>,
+    /// Memory in use that is not hearth's runtimes (NVML).
+    pub foreign_bytes: Option<u64>,
+    pub processes: Vec<GpuProcessStatus>,
+}
+
+/// The GPU side of status.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuSummary {
+    /// How the GPUs were found, or why NVML is not used.
+    pub reason: String,
+    pub measured: bool,
+}
+
 /// A running runtime's cgroup, as `hearth status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CgroupStatus {
@@ -126,7 +163,8 @@ pub struct ModelStatus {
     pub memory_mb: u64,
     /// The most memory a run of this model was seen to use (cgroup), in MB.
     pub memory_observed_mb: Option<u64>,
-    /// What the scheduler accounts for it: the larger of declared and observed.
+    /// What the scheduler accounts for it in host RAM: the larger of declared and observed (asleep:
+    /// what it holds asleep).
     pub memory_accounted_mb: u64,
     /// Set when the model uses more than its declared `memory_mb`.
     pub memory_warning: Option<String>,
@@ -145,6 +183,26 @@ pub struct ModelStatus {
     pub last_error: Option<String>,
     pub retry_in_seconds: Option<f64>,
     pub log_tail: Vec<String>,
+    /// Where its memory is: hot, sleeping or cold.
+    pub tier: &'static str,
+    /// The GPUs it is placed on (while it holds memory).
+    pub gpus: Vec<u32>,
+    /// Declared VRAM (`vram_mb`), per GPU.
+    pub vram_mb: u64,
+    /// The most VRAM a ready run was seen to use on one GPU (NVML), in MB.
+    pub vram_observed_mb: Option<u64>,
+    /// What the scheduler accounts on each placed GPU now, in bytes.
+    pub vram_bytes: u64,
+    /// What its processes use on the GPUs now (NVML), in bytes.
+    pub vram_used_bytes: Option<u64>,
+    pub vram_warning: Option<String>,
+    /// vLLM sleep level (1 or 2) when sleep mode is on.
+    pub sleep_level: Option<u8>,
+    /// Host RAM and VRAM accounted while asleep (MB).
+    pub asleep_memory_mb: Option<u64>,
+    pub asleep_vram_mb: Option<u64>,
+    pub sleeps_total: u64,
+    pub wakes_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -155,6 +213,8 @@ pub struct StatusReport {
     /// The gateway sensor's state (filled in by the admin API, which also holds the sensor).
     pub sensor: Option<crate::sensor::SensorStatus>,
     pub pools: Vec<PoolStatus>,
+    pub gpu: GpuSummary,
+    pub gpus: Vec<GpuStatus>,
     pub models: Vec<ModelStatus>,
 }
 
@@ -180,6 +240,10 @@ enum Msg {
     },
     Unload {
         model: usize,
+    },
+    Sleep {
+        model: usize,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -219,11 +283,23 @@ impl Supervisor {
         confinement: Arc<Confinement>,
         metrics: Metrics,
         policy: Box<dyn Policy>,
+        gpus: GpuSetup,
     ) -> Supervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let actor = Actor::new(config, confinement, metrics, policy, tx.clone(), ev_tx);
-        tokio::spawn(actor.run(rx, ev_rx));
+        let gpu_rx = gpus
+            .nvml
+            .map(|n| n.spawn_poller(config.resources.gpu_poll_interval));
+        let actor = Actor::new(
+            config,
+            confinement,
+            metrics,
+            policy,
+            (gpus.pools, gpus.reason),
+            tx.clone(),
+            ev_tx,
+        );
+        tokio::spawn(actor.run(rx, ev_rx, gpu_rx));
         Supervisor {
             tx,
             tickets: Arc::new(AtomicU64::new(1)),
@@ -256,6 +332,17 @@ impl Supervisor {
         let r = rx.await;
         pending.done = true;
         r.unwrap_or(Err(AcquireError::ShuttingDown))
+    }
+
+    /// Asks to put model `model` to sleep (vLLM sleep mode) once it has nothing in flight; the
+    /// error says why it cannot.
+    pub async fn sleep(&self, model: usize) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Sleep { model, reply })
+            .map_err(|_| "hearth is shutting down".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("hearth is shutting down".into()))
     }
 
     pub async fn status(&self) -> Option<StatusReport> {
@@ -326,12 +413,72 @@ struct ModelState {
     /// OOM kills the monitor reported for the current run (the exit's own count may miss them).
     run_oom_kills: u64,
     resident_bytes: Option<u64>,
+    /// Where it may run (sets of pool indices) and where it is (pool indices).
+    options: Vec<Vec<usize>>,
+    placed: Vec<usize>,
+    /// The most VRAM a ready run used on one GPU (NVML), in MB (kept across runs).
+    observed_vram_mb: u64,
+    vram_warning: Option<String>,
+    /// What it used asleep (host RAM from its cgroup, VRAM from NVML), in MB.
+    observed_asleep_mb: u64,
+    observed_asleep_vram_mb: u64,
+    /// What its processes use on each GPU now (NVML), and the pids seen there.
+    vram_now: Vec<(u32, u64)>,
+    gpu_pids: Vec<u32>,
+    /// An exited runtime's VRAM, held until NVML shows it freed (or the wait times out).
+    release: Option<Release>,
+    asleep_since: Option<Instant>,
+    sleep_requested: bool,
+    sleeps: u64,
+    wakes: u64,
+    /// Set when a wake-up failed: the runtime is being stopped and goes cold (not failed), so the
+    /// queued requests get a cold start.
+    wake_failed: bool,
+}
+
+/// GPU memory of an exited runtime not yet seen freed.
+struct Release {
+    since: Instant,
+    deadline: Instant,
+    pids: Vec<u32>,
+    vram_mb: u64,
 }
 
 impl ModelState {
     /// What the scheduler accounts: the declared size, or more once a run was seen using more.
     fn accounted_mb(&self) -> u64 {
         self.cfg.memory_mb.max(self.observed_mb)
+    }
+
+    /// VRAM accounted per GPU while hot: the observed peak once seen, else the declared size.
+    fn accounted_vram_mb(&self) -> u64 {
+        if !self.cfg.uses_gpu() {
+            0
+        } else if self.observed_vram_mb > 0 {
+            self.observed_vram_mb
+        } else {
+            self.cfg.vram_mb
+        }
+    }
+
+    fn hot(&self) -> Footprint {
+        Footprint {
+            host_mb: self.accounted_mb(),
+            vram_mb: self.accounted_vram_mb(),
+        }
+    }
+
+    /// What it holds asleep: host RAM as declared, or more once seen using more (as awake); VRAM
+    /// as observed once seen, else as declared.
+    fn asleep(&self) -> Option<Footprint> {
+        self.cfg.sleep.map(|s| Footprint {
+            host_mb: s.memory_mb.max(self.observed_asleep_mb),
+            vram_mb: if self.observed_asleep_vram_mb > 0 {
+                self.observed_asleep_vram_mb
+            } else {
+                s.vram_mb
+            },
+        })
     }
 }
 
@@ -348,6 +495,11 @@ struct Actor {
     started: Instant,
     shutting_down: Option<Vec<oneshot::Sender<()>>>,
     wake_at: Option<Instant>,
+    gpu_pools: Vec<GpuPool>,
+    gpu_reason: String,
+    /// The latest NVML reading; `None` without NVML (or before the first).
+    gpu_reading: Option<GpuReading>,
+    measured: bool,
 }
 
 impl Actor {
@@ -356,9 +508,23 @@ impl Actor {
         confinement: Arc<Confinement>,
         metrics: Metrics,
         policy: Box<dyn Policy>,
+        (gpu_pools, gpu_reason): (Vec<GpuPool>, String),
         tx: mpsc::UnboundedSender<Msg>,
         events: mpsc::UnboundedSender<RuntimeEvent>,
     ) -> Actor {
+        let pool_of = |gpu: u32| gpu_pools.iter().position(|p| p.index == gpu).map(|i| i + 1);
+        let options_of = |m: &ModelConfig| -> Vec<Vec<usize>> {
+            if !m.uses_gpu() {
+                return vec![Vec::new()];
+            }
+            match &m.gpus {
+                GpuPlacement::Any => (1..=gpu_pools.len()).map(|p| vec![p]).collect(),
+                GpuPlacement::On(list) => {
+                    let mapped: Option<Vec<usize>> = list.iter().map(|g| pool_of(*g)).collect();
+                    mapped.into_iter().collect()
+                }
+            }
+        };
         let models = config
             .models
             .iter()
@@ -392,6 +558,20 @@ impl Actor {
                 oom_kills: 0,
                 run_oom_kills: 0,
                 resident_bytes: None,
+                options: options_of(m),
+                placed: Vec::new(),
+                observed_vram_mb: 0,
+                vram_warning: None,
+                observed_asleep_mb: 0,
+                observed_asleep_vram_mb: 0,
+                vram_now: Vec::new(),
+                gpu_pids: Vec::new(),
+                release: None,
+                asleep_since: None,
+                sleep_requested: false,
+                sleeps: 0,
+                wakes: 0,
+                wake_failed: false,
             })
             .collect();
         let cg = confinement.status().cgroups.clone();
@@ -438,6 +618,17 @@ impl Actor {
             })
             .collect();
         let pool_used = metrics.pool_used.with_label_values(&["host"]);
+        for g in &gpu_pools {
+            let label = g.index.to_string();
+            metrics
+                .gpu_total
+                .with_label_values(&[&label])
+                .set((g.total_mb * 1024 * 1024) as i64);
+            metrics
+                .pool_capacity
+                .with_label_values(&[&format!("gpu{}", g.index)])
+                .set((g.budget_mb * 1024 * 1024) as i64);
+        }
         Actor {
             config,
             confinement,
@@ -451,6 +642,10 @@ impl Actor {
             started: Instant::now(),
             shutting_down: None,
             wake_at: None,
+            gpu_pools,
+            gpu_reason,
+            gpu_reading: None,
+            measured: false,
         }
     }
 
@@ -458,9 +653,20 @@ impl Actor {
         mut self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
         mut ev: mpsc::UnboundedReceiver<RuntimeEvent>,
+        mut gpu_rx: Option<watch::Receiver<Option<GpuReading>>>,
     ) {
+        self.measured = gpu_rx.is_some();
         let mut handles_gone = false;
         loop {
+            let gpu = async {
+                match gpu_rx.as_mut() {
+                    Some(r) => match r.changed().await {
+                        Ok(()) => r.borrow_and_update().clone(),
+                        Err(_) => std::future::pending().await,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
             let sleep = async {
                 match self.wake_at {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -477,6 +683,7 @@ impl Actor {
                     }
                 },
                 Some(e) = ev.recv() => self.on_event(e),
+                Some(r) = gpu => self.on_gpu(r),
                 _ = sleep => {}
             }
             self.schedule();
@@ -517,6 +724,8 @@ impl Actor {
                     }));
                     return;
                 }
+                // Someone wants it: an operator's sleep request no longer applies.
+                m.sleep_requested = false;
                 m.queue.push(Queued {
                     ticket,
                     enqueued: now,
@@ -544,7 +753,15 @@ impl Actor {
             Msg::Load { model } => {
                 if let Some(m) = self.models.get_mut(model) {
                     m.unload_requested = false;
-                    if matches!(m.phase, Phase::Cold | Phase::Failed | Phase::Stopping) {
+                    m.sleep_requested = false;
+                    if matches!(
+                        m.phase,
+                        Phase::Cold
+                            | Phase::Failed
+                            | Phase::Stopping
+                            | Phase::Sleeping
+                            | Phase::Suspending
+                    ) {
                         m.load_requested.get_or_insert_with(Instant::now);
                     }
                 }
@@ -552,10 +769,46 @@ impl Actor {
             Msg::Unload { model } => {
                 if let Some(m) = self.models.get_mut(model) {
                     m.load_requested = None;
-                    if matches!(m.phase, Phase::Ready | Phase::Draining | Phase::Starting) {
+                    m.sleep_requested = false;
+                    if matches!(
+                        m.phase,
+                        Phase::Ready
+                            | Phase::Draining
+                            | Phase::Starting
+                            | Phase::Sleeping
+                            | Phase::Suspending
+                            | Phase::Waking
+                    ) {
                         m.unload_requested = true;
                     }
                 }
+            }
+            Msg::Sleep { model, reply } => {
+                let Some(m) = self.models.get_mut(model) else {
+                    let _ = reply.send(Err("no such model".into()));
+                    return;
+                };
+                let r = if m.cfg.sleep.is_none() {
+                    Err(format!(
+                        "model {} has no sleep mode (set sleep = \"level1\" or \"level2\"; vLLM only)",
+                        m.cfg.id
+                    ))
+                } else {
+                    match m.phase {
+                        Phase::Ready | Phase::Draining | Phase::Starting | Phase::Waking => {
+                            m.sleep_requested = true;
+                            m.load_requested = None;
+                            Ok(())
+                        }
+                        Phase::Sleeping | Phase::Suspending => Ok(()),
+                        p => Err(format!(
+                            "model {} is {}: only a loaded model can sleep",
+                            m.cfg.id,
+                            p.as_str()
+                        )),
+                    }
+                };
+                let _ = reply.send(r);
             }
             Msg::Shutdown { reply } => self.begin_shutdown(Some(reply)),
         }
@@ -612,6 +865,12 @@ impl Actor {
                 stats,
                 resident_bytes,
             } => self.on_stats(model, generation, stats, resident_bytes),
+            RuntimeEvent::Transition {
+                model,
+                generation,
+                kind,
+                result,
+            } => self.on_transition(model, generation, kind, result, now),
             RuntimeEvent::Oom {
                 model,
                 generation,
@@ -691,7 +950,15 @@ impl Actor {
                         logs,
                         during_start: true,
                     }),
-                    (Phase::Ready | Phase::Draining, None) => Some(Failure {
+                    (Phase::Waking, None) if !m.wake_failed => {
+                        let reason = format!("runtime exited while waking up ({status})");
+                        Self::wake_failure(&self.metrics, m, &reason, &logs);
+                        None
+                    }
+                    (
+                        Phase::Ready | Phase::Draining | Phase::Sleeping | Phase::Suspending,
+                        None,
+                    ) => Some(Failure {
                         reason: format!("runtime exited unexpectedly ({status})"),
                         metric: "crashed",
                         logs,
@@ -699,16 +966,246 @@ impl Actor {
                     }),
                     _ => None,
                 };
+                m.asleep_since = None;
+                m.vram_now.clear();
+                for g in &self.gpu_pools {
+                    let _ = self
+                        .metrics
+                        .runtime_vram
+                        .remove_label_values(&[&m.cfg.id, &g.index.to_string()]);
+                }
+                // Its GPU memory counts until NVML shows it freed.
+                let held = self
+                    .gpu_reading
+                    .as_ref()
+                    .map(|r| {
+                        r.devices
+                            .iter()
+                            .flat_map(|d| &d.processes)
+                            .any(|p| m.gpu_pids.contains(&p.pid))
+                    })
+                    .unwrap_or(false);
+                if !m.placed.is_empty() && self.measured && held {
+                    let vram_mb = match was {
+                        Phase::Sleeping => m.asleep().map(|a| a.vram_mb).unwrap_or(0),
+                        _ => m.accounted_vram_mb(),
+                    };
+                    m.release = Some(Release {
+                        since: now,
+                        deadline: now + self.config.resources.gpu_release_timeout,
+                        pids: std::mem::take(&mut m.gpu_pids),
+                        vram_mb,
+                    });
+                } else {
+                    m.placed.clear();
+                    m.gpu_pids.clear();
+                }
                 m.ready_since = None;
                 m.drain_since = None;
                 m.start_deadline = None;
                 m.unload_requested = false;
                 match failure {
+                    None if m.wake_failed => {
+                        // A failed wake-up: the queued requests stay for a cold start.
+                        m.wake_failed = false;
+                        tracing::info!(model = %m.cfg.id, %status, "runtime stopped after a failed wake-up; starting it cold");
+                        m.phase = Phase::Cold;
+                    }
                     None => {
                         tracing::info!(model = %m.cfg.id, %status, "runtime stopped");
                         m.phase = Phase::Cold;
                     }
                     Some(f) => self.fail(model, f, now),
+                }
+            }
+        }
+    }
+
+    /// Records a failed wake-up: counted, quoted in status; the runtime goes cold.
+    fn wake_failure(metrics: &Metrics, m: &mut ModelState, reason: &str, logs: &[String]) {
+        metrics
+            .wakes
+            .with_label_values(&[&m.cfg.id, "failed"])
+            .inc();
+        metrics
+            .failures
+            .with_label_values(&[&m.cfg.id, "wake_failed"])
+            .inc();
+        m.failures += 1;
+        m.wake_failed = true;
+        let full = fmt_logs(logs);
+        tracing::warn!(model = %m.cfg.id, reason, "wake-up failed: stopping the runtime for a cold start{full}");
+        m.last_error = Some(format!("wake-up failed: {reason}{full}"));
+    }
+
+    fn on_transition(
+        &mut self,
+        i: usize,
+        generation: u64,
+        kind: TransitionKind,
+        result: Result<(), String>,
+        now: Instant,
+    ) {
+        let Some(m) = self.models.get_mut(i) else {
+            return;
+        };
+        let expected = match kind {
+            TransitionKind::Sleep => Phase::Suspending,
+            TransitionKind::Wake => Phase::Waking,
+        };
+        if m.generation != generation || m.phase != expected {
+            return;
+        }
+        let level = m.cfg.sleep.map(|s| s.level.number()).unwrap_or(0);
+        match (kind, result) {
+            (TransitionKind::Sleep, Ok(())) => {
+                tracing::info!(model = %m.cfg.id, level, "runtime asleep");
+                m.phase = Phase::Sleeping;
+                m.asleep_since = Some(now);
+                m.drain_since = None;
+                m.sleep_requested = false;
+                m.sleeps += 1;
+                self.metrics
+                    .sleeps
+                    .with_label_values(&[&m.cfg.id, &level.to_string()])
+                    .inc();
+            }
+            (TransitionKind::Wake, Ok(())) => {
+                let took = m.spawned_at.map(|t| now - t).unwrap_or_default();
+                tracing::info!(model = %m.cfg.id, seconds = took.as_secs_f64(), "runtime awake");
+                m.phase = Phase::Ready;
+                m.ready_since = Some(now);
+                m.asleep_since = None;
+                m.load_requested = None;
+                m.wakes += 1;
+                self.metrics
+                    .wakes
+                    .with_label_values(&[&m.cfg.id, "ok"])
+                    .inc();
+            }
+            (kind, Err(e)) => {
+                let logs = m
+                    .proc
+                    .as_ref()
+                    .map(|p| p.logs.last(ERROR_LOG_LINES))
+                    .unwrap_or_default();
+                if kind == TransitionKind::Wake {
+                    Self::wake_failure(&self.metrics, m, &e, &logs);
+                } else {
+                    tracing::warn!(model = %m.cfg.id, error = %e, "going to sleep failed: stopping the runtime");
+                    m.pending_failure = Some(Failure {
+                        reason: format!("sleep failed: {e}"),
+                        metric: "sleep_failed",
+                        logs,
+                        during_start: false,
+                    });
+                }
+                if let Some(p) = &m.proc {
+                    p.stop(m.cfg.stop_timeout);
+                }
+                m.phase = Phase::Stopping;
+            }
+        }
+    }
+
+    /// A new NVML reading: each runtime's VRAM (by its processes), observed peaks, freed memory.
+    fn on_gpu(&mut self, reading: GpuReading) {
+        let now = Instant::now();
+        for m in &mut self.models {
+            if let Some(r) = &m.release {
+                let listed = reading
+                    .devices
+                    .iter()
+                    .flat_map(|d| &d.processes)
+                    .any(|p| r.pids.contains(&p.pid));
+                if !listed || now >= r.deadline {
+                    let waited = now - r.since;
+                    for &p in &m.placed {
+                        if let Some(g) = self.gpu_pools.get(p - 1) {
+                            self.metrics
+                                .gpu_release_wait
+                                .with_label_values(&[&g.index.to_string()])
+                                .observe(waited.as_secs_f64());
+                        }
+                    }
+                    if listed {
+                        tracing::warn!(model = %m.cfg.id, waited = ?waited, pids = ?r.pids, "NVML still lists the stopped runtime's processes on the GPU; scheduling as if its memory were free");
+                    } else {
+                        tracing::info!(model = %m.cfg.id, waited_ms = waited.as_millis() as u64, "GPU memory of the stopped runtime is freed");
+                    }
+                    m.release = None;
+                    if m.proc.is_none() {
+                        m.placed.clear();
+                    }
+                }
+            }
+            let Some(p) = &m.proc else { continue };
+            if m.placed.is_empty() {
+                continue;
+            }
+            let pids = match &p.cgroup {
+                Some(c) => c.pids().unwrap_or_else(|_| vec![p.pid]),
+                None => crate::gpu::descendants(p.pid),
+            };
+            let mut per_gpu = Vec::new();
+            let mut seen = Vec::new();
+            for d in &reading.devices {
+                let mut used = 0;
+                for pr in d.processes.iter().filter(|pr| pids.contains(&pr.pid)) {
+                    used += pr.used_bytes;
+                    seen.push(pr.pid);
+                }
+                if used > 0 {
+                    per_gpu.push((d.index, used));
+                }
+            }
+            seen.sort_unstable();
+            seen.dedup();
+            if !seen.is_empty() {
+                m.gpu_pids = seen;
+            }
+            let top_mb = per_gpu
+                .iter()
+                .map(|(_, b)| b.div_ceil(1024 * 1024))
+                .max()
+                .unwrap_or(0);
+            match m.phase {
+                Phase::Ready | Phase::Draining if top_mb > m.observed_vram_mb => {
+                    m.observed_vram_mb = top_mb;
+                    if top_mb > m.cfg.vram_mb && m.vram_warning.is_none() {
+                        tracing::warn!(model = %m.cfg.id, observed_mb = top_mb, declared_mb = m.cfg.vram_mb, "model uses more VRAM than declared; scheduling with what it uses");
+                    }
+                    if top_mb > m.cfg.vram_mb {
+                        m.vram_warning = Some(format!(
+                            "uses {top_mb} MB of VRAM, more than its declared vram_mb = {}: accounted as {top_mb} MB",
+                            m.cfg.vram_mb
+                        ));
+                    }
+                }
+                Phase::Sleeping if top_mb > m.observed_asleep_vram_mb => {
+                    m.observed_asleep_vram_mb = top_mb;
+                }
+                _ => {}
+            }
+            for (g, b) in &per_gpu {
+                self.metrics
+                    .runtime_vram
+                    .with_label_values(&[&m.cfg.id, &g.to_string()])
+                    .set(*b as i64);
+            }
+            m.vram_now = per_gpu;
+        }
+        self.gpu_reading = Some(reading);
+    }
+
+    /// Releases whose wait ran out without a reading (NVML stopped answering).
+    fn expire_releases(&mut self, now: Instant) {
+        for m in &mut self.models {
+            if m.release.as_ref().is_some_and(|r| now >= r.deadline) {
+                tracing::warn!(model = %m.cfg.id, "no NVML reading showed the stopped runtime's GPU memory freed; scheduling as if it were");
+                m.release = None;
+                if m.proc.is_none() {
+                    m.placed.clear();
                 }
             }
         }
@@ -735,6 +1232,9 @@ impl Actor {
         if let Some(cur) = used {
             // Only a ready runtime's usage counts as what the model uses (a start reads weights
             // through the page cache in bursts).
+            if m.phase == Phase::Sleeping {
+                m.observed_asleep_mb = m.observed_asleep_mb.max(cur.div_ceil(1024 * 1024));
+            }
             if matches!(m.phase, Phase::Ready | Phase::Draining) {
                 let mb = cur.div_ceil(1024 * 1024);
                 if mb > m.observed_mb {
@@ -803,7 +1303,18 @@ impl Actor {
         ModelView {
             id: &m.cfg.id,
             phase: m.phase,
-            memory_mb: m.accounted_mb(),
+            hot: m.hot(),
+            asleep: m.asleep(),
+            options: m.options.clone(),
+            placed: m.placed.clone(),
+            asleep_since: m.asleep_since,
+            keep_asleep: m
+                .cfg
+                .sleep
+                .map(|s| s.keep_asleep)
+                .unwrap_or(crate::config::KeepWarm::Forever),
+            sleep_requested: m.sleep_requested,
+            releasing_mb: m.release.as_ref().map(|r| r.vram_mb).unwrap_or(0),
             in_flight: m.in_flight,
             max_concurrency: m.cfg.max_concurrency,
             queue: &m.queue,
@@ -819,10 +1330,44 @@ impl Actor {
         }
     }
 
+    /// GPU memory NVML shows in use that is not hearth's runtimes (nor the driver's reserve it
+    /// already subtracts), per pool index; 0 without a reading.
+    fn foreign_mb(&self, pool: usize) -> Option<u64> {
+        let g = self.gpu_pools.get(pool.checked_sub(1)?)?;
+        let d = self.gpu_reading.as_ref()?.device(g.index)?;
+        let ours: u64 = d
+            .processes
+            .iter()
+            .filter(|p| {
+                self.models.iter().any(|m| {
+                    m.gpu_pids.contains(&p.pid)
+                        || m.release.as_ref().is_some_and(|r| r.pids.contains(&p.pid))
+                })
+            })
+            .map(|p| p.used_bytes)
+            .sum();
+        Some((d.used_bytes.saturating_sub(ours) + d.reserved_bytes) / (1024 * 1024))
+    }
+
+    fn pools(&self) -> Vec<Pool> {
+        let mut pools = vec![Pool {
+            name: "host".into(),
+            capacity_mb: self.config.resources.host_memory_mb,
+        }];
+        for (k, g) in self.gpu_pools.iter().enumerate() {
+            let foreign = self.foreign_mb(k + 1).unwrap_or(0);
+            pools.push(Pool {
+                name: format!("gpu{}", g.index),
+                capacity_mb: g.capacity_mb(foreign),
+            });
+        }
+        pools
+    }
+
     fn snapshot(&self, now: Instant) -> Snapshot<'_> {
         Snapshot {
             now,
-            pool_mb: self.config.resources.host_memory_mb,
+            pools: self.pools(),
             models: self.models.iter().map(Self::view).collect(),
         }
     }
@@ -834,8 +1379,17 @@ impl Actor {
         }
         for _ in 0..4 {
             let now = Instant::now();
+            self.expire_releases(now);
             let plan = scheduler::plan(&self.snapshot(now), self.policy.as_ref());
-            self.wake_at = plan.wake_at;
+            let release = self
+                .models
+                .iter()
+                .filter_map(|m| m.release.as_ref().map(|r| r.deadline))
+                .min();
+            self.wake_at = match (plan.wake_at, release) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if plan.actions.is_empty() {
                 return;
             }
@@ -884,7 +1438,35 @@ impl Actor {
                     }));
                 }
             }
-            Action::Start { model } => self.start(model, now),
+            Action::Start { model, gpus } => self.start(model, now, gpus),
+            Action::Sleep { model, reason } => {
+                let m = &mut self.models[model];
+                if m.proc.is_none() {
+                    return;
+                }
+                let level = m.cfg.sleep.map(|s| s.level.number()).unwrap_or(1);
+                tracing::info!(model = %m.cfg.id, reason = reason.as_str(), level, "putting runtime to sleep");
+                if reason != EvictReason::Admin {
+                    self.metrics
+                        .evictions
+                        .with_label_values(&[&m.cfg.id, reason.as_str()])
+                        .inc();
+                }
+                m.phase = Phase::Suspending;
+                m.drain_since = None;
+                self.spawn_transition(model, TransitionKind::Sleep, level);
+            }
+            Action::Wake { model } => {
+                let m = &mut self.models[model];
+                if m.proc.is_none() {
+                    return;
+                }
+                tracing::info!(model = %m.cfg.id, "waking runtime");
+                m.phase = Phase::Waking;
+                m.spawned_at = Some(now);
+                let level = m.cfg.sleep.map(|s| s.level.number()).unwrap_or(1);
+                self.spawn_transition(model, TransitionKind::Wake, level);
+            }
             Action::Stop { model, reason } => {
                 let m = &mut self.models[model];
                 if let Some(p) = &m.proc {
@@ -938,7 +1520,40 @@ impl Actor {
         }
     }
 
-    fn start(&mut self, i: usize, now: Instant) {
+    /// Runs a sleep or wake-up of model `i` off the actor; the outcome comes back as an event.
+    fn spawn_transition(&self, i: usize, kind: TransitionKind, level: u8) {
+        let m = &self.models[i];
+        let Some(p) = &m.proc else { return };
+        let addr = p.addr();
+        let generation = m.generation;
+        let timeout = m.cfg.start_timeout;
+        let events = self.events.clone();
+        let span = tracing::info_span!("transition", model = %m.cfg.id, kind = kind.as_str());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = runtime::transition(addr, kind, level, timeout).await;
+                let _ = events.send(RuntimeEvent::Transition {
+                    model: i,
+                    generation,
+                    kind,
+                    result,
+                });
+            },
+            span,
+        ));
+    }
+
+    fn start(&mut self, i: usize, now: Instant, gpus: Vec<usize>) {
+        let placement = Placement {
+            gpus: gpus
+                .iter()
+                .filter_map(|&p| self.gpu_pools.get(p.checked_sub(1)?).map(|g| g.index))
+                .collect(),
+            gpu_total_mb: gpus
+                .iter()
+                .filter_map(|&p| self.gpu_pools.get(p.checked_sub(1)?).map(|g| g.total_mb))
+                .min(),
+        };
         let taken: Vec<u16> = self
             .models
             .iter()
@@ -953,8 +1568,16 @@ impl Actor {
             .map_err(|e| e.to_string())
             .and_then(|port| {
                 let sandbox = self.confinement.sandbox(i, &m.cfg)?;
-                runtime::spawn(i, m.generation, &m.cfg, port, sandbox, self.events.clone())
-                    .map_err(|e| e.to_string())
+                runtime::spawn(
+                    i,
+                    m.generation,
+                    &m.cfg,
+                    port,
+                    sandbox,
+                    &placement,
+                    self.events.clone(),
+                )
+                .map_err(|e| e.to_string())
             });
         match spawned {
             Ok(p) => {
@@ -963,8 +1586,11 @@ impl Actor {
                     .as_ref()
                     .and_then(|c| c.dirs().first().map(|d| d.display().to_string()));
                 let user = p.user.as_ref().map(|u| u.user.as_str());
-                tracing::info!(model = %m.cfg.id, pid = p.pid, port = p.port, cgroup, user, "runtime starting");
+                tracing::info!(model = %m.cfg.id, pid = p.pid, port = p.port, cgroup, user, gpus = ?placement.gpus, "runtime starting");
                 m.proc = Some(p);
+                m.placed = gpus;
+                m.gpu_pids.clear();
+                m.vram_now.clear();
                 m.phase = Phase::Starting;
                 m.spawned_at = Some(now);
                 m.start_deadline = Some(now + m.cfg.start_timeout);
@@ -987,20 +1613,95 @@ impl Actor {
     }
 
     fn publish(&self) {
-        let mut used = 0;
-        for (m, g) in self.models.iter().zip(&self.gauges) {
+        const MB: i64 = 1024 * 1024;
+        let snap = self.snapshot(Instant::now());
+        for ((m, g), v) in self.models.iter().zip(&self.gauges).zip(&snap.models) {
             g.set_state(m.phase);
-            let mem = if m.phase.holds_memory() {
-                m.accounted_mb()
-            } else {
-                0
-            };
-            used += mem;
-            g.memory.set((mem * 1024 * 1024) as i64);
+            g.memory.set(v.usage(HOST) as i64 * MB);
             g.queue_depth.set(m.queue.len() as i64);
             g.in_flight.set(i64::from(m.in_flight));
+            let tier = m.phase.tier();
+            for t in Tier::ALL {
+                self.metrics
+                    .model_tier
+                    .with_label_values(&[&m.cfg.id, t.as_str()])
+                    .set(i64::from(t == tier));
+            }
+            if m.cfg.uses_gpu() {
+                for (k, gp) in self.gpu_pools.iter().enumerate() {
+                    self.metrics
+                        .model_vram
+                        .with_label_values(&[&m.cfg.id, &gp.index.to_string()])
+                        .set(v.usage(k + 1) as i64 * MB);
+                }
+            }
         }
-        self.pool_used.set((used * 1024 * 1024) as i64);
+        self.pool_used.set(snap.used_mb(HOST) as i64 * MB);
+        for (k, gp) in self.gpu_pools.iter().enumerate() {
+            let label = gp.index.to_string();
+            let used = snap.used_mb(k + 1) as i64 * MB;
+            let cap = snap.pools[k + 1].capacity_mb as i64 * MB;
+            self.metrics.gpu_used.with_label_values(&[&label]).set(used);
+            self.metrics
+                .gpu_budget
+                .with_label_values(&[&label])
+                .set(cap);
+            let pool = format!("gpu{}", gp.index);
+            self.metrics.pool_used.with_label_values(&[&pool]).set(used);
+            self.metrics
+                .pool_capacity
+                .with_label_values(&[&pool])
+                .set(cap);
+            if let Some(d) = self.gpu_reading.as_ref().and_then(|r| r.device(gp.index)) {
+                self.metrics
+                    .gpu_measured
+                    .with_label_values(&[&label])
+                    .set(d.used_bytes as i64);
+                let foreign = self.foreign_mb(k + 1).unwrap_or(0) as i64 * MB;
+                self.metrics
+                    .gpu_foreign
+                    .with_label_values(&[&label])
+                    .set(foreign);
+            }
+        }
+    }
+
+    fn gpu_status(&self, snap: &Snapshot<'_>) -> Vec<GpuStatus> {
+        const MB: u64 = 1024 * 1024;
+        self.gpu_pools
+            .iter()
+            .enumerate()
+            .map(|(k, g)| {
+                let d = self.gpu_reading.as_ref().and_then(|r| r.device(g.index));
+                GpuStatus {
+                    index: g.index,
+                    name: g.name.clone(),
+                    uuid: g.uuid.clone(),
+                    source: g.source,
+                    memory_total_bytes: g.total_mb * MB,
+                    budget_bytes: snap.pools[k + 1].capacity_mb * MB,
+                    used_bytes: snap.used_mb(k + 1) * MB,
+                    measured_used_bytes: d.map(|d| d.used_bytes),
+                    foreign_bytes: d.and(self.foreign_mb(k + 1)).map(|f| f * MB),
+                    processes: d
+                        .map(|d| {
+                            d.processes
+                                .iter()
+                                .map(|p| GpuProcessStatus {
+                                    pid: p.pid,
+                                    used_bytes: p.used_bytes,
+                                    model: self
+                                        .models
+                                        .iter()
+                                        .find(|m| m.gpu_pids.contains(&p.pid))
+                                        .map(|m| m.cfg.id.clone()),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
     fn report(&self) -> StatusReport {
@@ -1011,11 +1712,21 @@ impl Actor {
             uptime_seconds: (now - self.started).as_secs_f64(),
             confinement: self.confinement.status().clone(),
             sensor: None,
-            pools: vec![PoolStatus {
-                name: "host".into(),
-                capacity_mb: self.config.resources.host_memory_mb,
-                used_mb: snap.used_mb(),
-            }],
+            pools: snap
+                .pools
+                .iter()
+                .enumerate()
+                .map(|(p, pool)| PoolStatus {
+                    name: pool.name.clone(),
+                    capacity_mb: pool.capacity_mb,
+                    used_mb: snap.used_mb(p),
+                })
+                .collect(),
+            gpu: GpuSummary {
+                reason: self.gpu_reason.clone(),
+                measured: self.measured,
+            },
+            gpus: self.gpu_status(&snap),
             models: self
                 .models
                 .iter()
@@ -1029,7 +1740,12 @@ impl Actor {
                     port: m.proc.as_ref().map(|p| p.port),
                     memory_mb: m.cfg.memory_mb,
                     memory_observed_mb: (m.observed_mb > 0).then_some(m.observed_mb),
-                    memory_accounted_mb: m.accounted_mb(),
+                    memory_accounted_mb: match m.phase {
+                        Phase::Sleeping | Phase::Suspending | Phase::Waking => {
+                            snap.models[i].usage(HOST)
+                        }
+                        _ => m.accounted_mb(),
+                    },
                     memory_warning: m.memory_warning.clone(),
                     user: m
                         .proc
@@ -1076,6 +1792,27 @@ impl Actor {
                         .map(|p| &p.logs)
                         .unwrap_or(&m.last_logs)
                         .last(20),
+                    tier: m.phase.tier().as_str(),
+                    gpus: m
+                        .placed
+                        .iter()
+                        .filter_map(|&p| self.gpu_pools.get(p.checked_sub(1)?).map(|g| g.index))
+                        .collect(),
+                    vram_mb: m.cfg.vram_mb,
+                    vram_observed_mb: (m.observed_vram_mb > 0).then_some(m.observed_vram_mb),
+                    vram_bytes: m
+                        .placed
+                        .first()
+                        .map(|&p| snap.models[i].usage(p) * 1024 * 1024)
+                        .unwrap_or(0),
+                    vram_used_bytes: (!m.vram_now.is_empty())
+                        .then(|| m.vram_now.iter().map(|(_, b)| b).sum()),
+                    vram_warning: m.vram_warning.clone(),
+                    sleep_level: m.cfg.sleep.map(|s| s.level.number()),
+                    asleep_memory_mb: m.asleep().map(|a| a.host_mb),
+                    asleep_vram_mb: m.asleep().map(|a| a.vram_mb),
+                    sleeps_total: m.sleeps,
+                    wakes_total: m.wakes,
                 })
                 .collect(),
         }
