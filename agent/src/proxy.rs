@@ -239,7 +239,8 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 fn api_status(state: &str) -> &'static str {
     match state {
         "ready" | "draining" => "loaded",
-        "starting" => "loading",
+        // A sleeping vLLM serves nothing until woken: unloaded, and loading while it wakes.
+        "starting" | "waking" => "loading",
         "failed" => "failed",
         _ => "unloaded",
     }
@@ -681,6 +682,8 @@ mod tests {
         assert_eq!(api_status("draining"), "loaded");
         assert_eq!(api_status("starting"), "loading");
         assert_eq!(api_status("stopping"), "unloaded");
+        assert_eq!(api_status("waking"), "loading");
+        assert_eq!(api_status("sleeping"), "unloaded");
         assert_eq!(api_status("failed"), "failed");
     }
 }

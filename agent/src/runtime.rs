@@ -167,6 +167,8 @@ pub fn placement_env(m: &ModelConfig, placement: &Placement) -> Vec<(String, Str
     let mut env = Vec::new();
     if m.uses_gpu() && !placement.gpus.is_empty() {
         let devices = placement.visible_devices();
+        // NVML numbers GPUs in PCI bus order; CUDA's default is fastest first.
+        env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
         env.push(("CUDA_VISIBLE_DEVICES".into(), devices.clone()));
         if m.runtime == RuntimeKind::LlamaCpp {
             // ggml's Vulkan backend numbers devices itself (in the same order on one-GPU hosts).

@@ -180,6 +180,9 @@ pub struct ModelView<'a> {
     /// VRAM an exited runtime of this model still holds on each of `placed` until the GPU shows it
     /// freed; the model does not start again before.
     pub releasing_mb: u64,
+    /// While `Stopping`: the phase it was stopped from (a sleeper being stopped holds what it held
+    /// asleep, not its awake size).
+    pub stopping_from: Option<Phase>,
 }
 
 impl ModelView<'_> {
@@ -216,6 +219,10 @@ impl ModelView<'_> {
             // Both sides of a transition: level 1 copies the weights to host RAM while the VRAM is
             // still held, and back.
             Phase::Suspending | Phase::Waking => self.hot.max(asleep),
+            Phase::Stopping => match self.stopping_from {
+                Some(from) if from != Phase::Stopping => self.footprint_in(from),
+                _ => self.hot,
+            },
             _ => self.hot,
         }
     }
@@ -470,6 +477,17 @@ impl Pass<'_, '_> {
         }
     }
 
+    /// Whether model `i` (hot now) can go to sleep without overfilling host RAM, given what is under
+    /// way and what this pass decided so far.
+    fn sleep_fits(&self, i: usize) -> bool {
+        let m = &self.snap.models[i];
+        let Some(asleep) = m.asleep else {
+            return false;
+        };
+        let host = self.settled_usage()[HOST];
+        host - self.settled(i).host_mb + asleep.host_mb <= self.snap.pools[HOST].capacity_mb
+    }
+
     /// What model `i` will hold on pool `p` once what is under way ends.
     fn settled_on(&self, i: usize, p: usize) -> u64 {
         let m = &self.snap.models[i];
@@ -511,7 +529,9 @@ impl Pass<'_, '_> {
         let over = |u: &[u64]| -> Vec<usize> {
             (0..pools)
                 .filter(|&p| {
-                    need[p] > 0 && u[p] + need[p] + reserved[p] > snap.pools[p].capacity_mb
+                    // The pools the waiter needs, and any our picks filled (a sleep adds host RAM).
+                    (need[p] > 0 || u[p] > usage[p])
+                        && u[p] + need[p] + reserved[p] > snap.pools[p].capacity_mb
                 })
                 .collect()
         };
@@ -519,7 +539,8 @@ impl Pass<'_, '_> {
         let mut idle: Vec<usize> = Vec::new();
         let mut busy: Vec<usize> = Vec::new();
         for (i, m) in snap.models.iter().enumerate() {
-            if i == waiter || self.leaving[i].is_some() {
+            // (A model an operator unloads is on its way out already.)
+            if i == waiter || self.leaving[i].is_some() || m.unload_requested {
                 continue;
             }
             match m.phase {
@@ -745,7 +766,12 @@ pub fn plan(snap: &Snapshot<'_>, policy: &dyn Policy) -> Plan {
             } else if m.phase == Phase::Ready {
                 out.actions.push(Action::Drain { model: i });
             }
-        } else if m.sleep_requested && m.can_sleep() && m.phase == Phase::Ready && !busy[i] {
+        } else if m.sleep_requested
+            && m.can_sleep()
+            && m.phase == Phase::Ready
+            && !busy[i]
+            && pass.sleep_fits(i)
+        {
             out.actions.push(Action::Sleep {
                 model: i,
                 reason: EvictReason::Admin,
@@ -874,9 +900,13 @@ pub fn plan(snap: &Snapshot<'_>, policy: &dyn Policy) -> Plan {
                     keep_draining.push(i);
                 }
             }
-        } else {
+        } else if options.iter().any(|o| {
+            let nd = need(m, o, pools);
+            (0..pools).all(|p| nd[p] <= snap.pools[p].capacity_mb)
+        }) {
             // Nothing would make it fit yet (memory still leaving, or busy models past their
-            // residency later): keep what is draining draining.
+            // residency later): keep what is draining draining. (If it can never fit, the pools
+            // being smaller than it, draining models resume.)
             for (i, mm) in snap.models.iter().enumerate() {
                 if mm.phase == Phase::Draining && pass.leaving[i].is_none() {
                     keep_draining.push(i);
@@ -903,7 +933,9 @@ pub fn plan(snap: &Snapshot<'_>, policy: &dyn Policy) -> Plan {
             Phase::Ready => {
                 if let Some(at) = policy.unload_idle_at(snap, i) {
                     if at <= now {
-                        out.actions.push(if m.can_sleep() {
+                        // Sleep only where host RAM can take what it keeps asleep; else stop.
+                        let to_sleep = pass.sleep_fits(i);
+                        out.actions.push(if to_sleep {
                             Action::Sleep {
                                 model: i,
                                 reason: EvictReason::Idle,
@@ -914,7 +946,7 @@ pub fn plan(snap: &Snapshot<'_>, policy: &dyn Policy) -> Plan {
                                 reason: EvictReason::Idle,
                             }
                         });
-                        pass.leaving[i] = Some(m.can_sleep());
+                        pass.leaving[i] = Some(to_sleep);
                     } else {
                         out.wake(at);
                     }
@@ -1013,6 +1045,7 @@ mod tests {
                 keep_asleep: m.keep_asleep,
                 sleep_requested: m.sleep_requested,
                 releasing_mb: 0,
+                stopping_from: None,
                 in_flight: m.in_flight,
                 max_concurrency: m.conc,
                 queue: &m.queue,
@@ -1725,6 +1758,125 @@ mod tests {
                 model: 0,
                 reason: EvictReason::Admin
             }]
+        );
+    }
+
+    #[test]
+    fn a_sleeper_being_stopped_still_counts_what_it_holds_asleep() {
+        let t0 = Instant::now();
+        let mut a = g("a", Phase::Stopping, 2000, 50_000, vec![vec![1]]);
+        sleeper(&mut a, 42_000, 500);
+        let mut w = m("w", Phase::Cold, 50_000);
+        w.queue = vec![q(t0, 1, 0)];
+        let ms = [a, w];
+        let mut v = view(&ms);
+        v[0].stopping_from = Some(Phase::Sleeping);
+        assert_eq!((v[0].usage(HOST), v[0].usage(1)), (42_000, 500));
+        let snap = Snapshot {
+            now: t0,
+            pools: vec![
+                Pool {
+                    name: "host".into(),
+                    capacity_mb: 60_000,
+                },
+                Pool {
+                    name: "gpu0".into(),
+                    capacity_mb: 80_000,
+                },
+            ],
+            models: v,
+        };
+        assert!(
+            plan(&snap, &LongestIdle).actions.is_empty(),
+            "w must wait for the exit"
+        );
+    }
+
+    #[test]
+    fn an_idle_model_stops_instead_of_sleeping_when_host_ram_cannot_take_it() {
+        let t0 = Instant::now();
+        let mut a = g("a", Phase::Ready, 2000, 50_000, vec![vec![1]]);
+        sleeper(&mut a, 42_000, 0);
+        a.keep_warm = KeepWarm::For(Duration::from_secs(1));
+        a.last_used = Some(t0);
+        let mut b = m("b", Phase::Ready, 50_000);
+        b.in_flight = 1;
+        let p = run_pools(t0 + Duration::from_secs(2), &[60_000, 80_000], &[a, b]);
+        assert_eq!(
+            p.actions,
+            vec![Action::Stop {
+                model: 0,
+                reason: EvictReason::Idle
+            }]
+        );
+    }
+
+    #[test]
+    fn a_pick_that_made_host_room_for_a_sleep_is_not_dropped() {
+        let t0 = Instant::now();
+        let mut w = g("w", Phase::Sleeping, 500, 50_000, vec![vec![1]]);
+        sleeper(&mut w, 1500, 0);
+        w.queue = vec![q(t0, 1, 0)];
+        let mut b = g("b", Phase::Ready, 4000, 3000, vec![vec![1]]);
+        b.last_used = Some(t0);
+        let mut c = g("c", Phase::Ready, 500, 35_000, vec![vec![1]]);
+        sleeper(&mut c, 6000, 0);
+        c.last_used = Some(t0 + Duration::from_secs(1));
+        let p = run_pools(t0 + Duration::from_secs(5), &[10_000, 80_000], &[w, b, c]);
+        assert_eq!(
+            p.actions,
+            vec![
+                Action::Stop {
+                    model: 1,
+                    reason: EvictReason::Memory
+                },
+                Action::Sleep {
+                    model: 2,
+                    reason: EvictReason::Memory
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn draining_models_resume_when_the_waiter_can_never_fit() {
+        let t0 = Instant::now();
+        let mut a = g("a", Phase::Draining, 100, 30_000, vec![vec![1]]);
+        a.drain_since = Some(t0);
+        a.queue = vec![q(t0, 2, 10)];
+        let mut w = g("w", Phase::Cold, 100, 60_000, vec![vec![1]]);
+        w.queue = vec![q(t0, 1, 0)];
+        let p = run_pools(t0 + Duration::from_secs(1), &[8000, 50_000], &[a, w]);
+        assert_eq!(p.actions, vec![Action::Resume { model: 0 }]);
+    }
+
+    #[test]
+    fn an_operator_unload_of_a_busy_model_drains_it_once() {
+        let t0 = Instant::now();
+        let mut a = g("a", Phase::Ready, 100, 50_000, vec![vec![1]]);
+        a.in_flight = 1;
+        let mut w = g("w", Phase::Cold, 100, 50_000, vec![vec![1]]);
+        w.queue = vec![q(t0, 1, 0)];
+        let ms = [a, w];
+        let mut v = view(&ms);
+        v[0].unload_requested = true;
+        let snap = Snapshot {
+            now: t0,
+            pools: vec![
+                Pool {
+                    name: "host".into(),
+                    capacity_mb: 8000,
+                },
+                Pool {
+                    name: "gpu0".into(),
+                    capacity_mb: 80_000,
+                },
+            ],
+            models: v,
+        };
+        assert_eq!(
+            plan(&snap, &LongestIdle).actions,
+            vec![Action::Drain { model: 0 }]
         );
     }
 }

@@ -26,6 +26,9 @@ use crate::scheduler::{
     Tier, HOST,
 };
 
+/// How long after a model fell asleep its readings count as what it holds asleep (a reading taken
+/// while it was going to sleep can arrive after the transition).
+const ASLEEP_SETTLE: Duration = Duration::from_secs(2);
 /// Log lines quoted in errors.
 const ERROR_LOG_LINES: usize = 12;
 /// Backoff after consecutive failures: 0.5 s doubling up to 30 s.
@@ -431,9 +434,22 @@ struct ModelState {
     sleep_requested: bool,
     sleeps: u64,
     wakes: u64,
+    /// The phase it was in when its stop began: what it holds while stopping.
+    stop_from: Option<Phase>,
     /// Set when a wake-up failed: the runtime is being stopped and goes cold (not failed), so the
     /// queued requests get a cold start.
     wake_failed: bool,
+}
+
+/// VRAM accounting: the observed peak once NVML has seen one (0: not yet), else the declared size.
+/// Observed replaces declared both ways: an estimate too large would cause needless evictions, one
+/// too small OOM.
+fn observed_or_declared(observed_mb: u64, declared_mb: u64) -> u64 {
+    if observed_mb > 0 {
+        observed_mb
+    } else {
+        declared_mb
+    }
 }
 
 /// GPU memory of an exited runtime not yet seen freed.
@@ -450,14 +466,12 @@ impl ModelState {
         self.cfg.memory_mb.max(self.observed_mb)
     }
 
-    /// VRAM accounted per GPU while hot: the observed peak once seen, else the declared size.
+    /// VRAM accounted per GPU while hot.
     fn accounted_vram_mb(&self) -> u64 {
-        if !self.cfg.uses_gpu() {
-            0
-        } else if self.observed_vram_mb > 0 {
-            self.observed_vram_mb
+        if self.cfg.uses_gpu() {
+            observed_or_declared(self.observed_vram_mb, self.cfg.vram_mb)
         } else {
-            self.cfg.vram_mb
+            0
         }
     }
 
@@ -473,11 +487,7 @@ impl ModelState {
     fn asleep(&self) -> Option<Footprint> {
         self.cfg.sleep.map(|s| Footprint {
             host_mb: s.memory_mb.max(self.observed_asleep_mb),
-            vram_mb: if self.observed_asleep_vram_mb > 0 {
-                self.observed_asleep_vram_mb
-            } else {
-                s.vram_mb
-            },
+            vram_mb: observed_or_declared(self.observed_asleep_vram_mb, s.vram_mb),
         })
     }
 }
@@ -572,6 +582,7 @@ impl Actor {
                 sleeps: 0,
                 wakes: 0,
                 wake_failed: false,
+                stop_from: None,
             })
             .collect();
         let cg = confinement.status().cgroups.clone();
@@ -830,6 +841,7 @@ impl Actor {
             m.load_requested = None;
             if let Some(p) = &m.proc {
                 p.stop(m.cfg.stop_timeout);
+                m.stop_from = Some(m.phase);
                 m.phase = Phase::Stopping;
             }
         }
@@ -896,6 +908,7 @@ impl Actor {
                     during_start: true,
                 });
                 p.stop(Duration::ZERO);
+                m.stop_from = Some(m.phase);
                 m.phase = Phase::Stopping;
                 m.start_deadline = None;
             }
@@ -935,6 +948,9 @@ impl Actor {
                     m.last_logs = p.logs;
                 }
                 let was = m.phase;
+                // What its GPUs held at the end (a sleeper little, a runtime being woken both sides).
+                let held_vram_mb = Self::view(m).footprint().vram_mb;
+                m.stop_from = None;
                 let failure = match (was, m.pending_failure.take()) {
                     (_, Some(f)) => Some(f),
                     // An OOM kill the monitor had not reported yet: the same failure.
@@ -986,10 +1002,7 @@ impl Actor {
                     })
                     .unwrap_or(false);
                 if !m.placed.is_empty() && self.measured && held {
-                    let vram_mb = match was {
-                        Phase::Sleeping => m.asleep().map(|a| a.vram_mb).unwrap_or(0),
-                        _ => m.accounted_vram_mb(),
-                    };
+                    let vram_mb = held_vram_mb;
                     m.release = Some(Release {
                         since: now,
                         deadline: now + self.config.resources.gpu_release_timeout,
@@ -1004,10 +1017,10 @@ impl Actor {
                 m.drain_since = None;
                 m.start_deadline = None;
                 m.unload_requested = false;
+                let wake_failed = std::mem::take(&mut m.wake_failed);
                 match failure {
-                    None if m.wake_failed => {
+                    None if wake_failed => {
                         // A failed wake-up: the queued requests stay for a cold start.
-                        m.wake_failed = false;
                         tracing::info!(model = %m.cfg.id, %status, "runtime stopped after a failed wake-up; starting it cold");
                         m.phase = Phase::Cold;
                     }
@@ -1103,6 +1116,7 @@ impl Actor {
                 if let Some(p) = &m.proc {
                     p.stop(m.cfg.stop_timeout);
                 }
+                m.stop_from = Some(m.phase);
                 m.phase = Phase::Stopping;
             }
         }
@@ -1182,7 +1196,13 @@ impl Actor {
                         ));
                     }
                 }
-                Phase::Sleeping if top_mb > m.observed_asleep_vram_mb => {
+                // Only readings taken once it has settled asleep (one taken while it was going to
+                // sleep may arrive after the transition).
+                Phase::Sleeping
+                    if top_mb > m.observed_asleep_vram_mb
+                        && m.asleep_since
+                            .is_some_and(|t| reading.at >= t + ASLEEP_SETTLE) =>
+                {
                     m.observed_asleep_vram_mb = top_mb;
                 }
                 _ => {}
@@ -1232,7 +1252,9 @@ impl Actor {
         if let Some(cur) = used {
             // Only a ready runtime's usage counts as what the model uses (a start reads weights
             // through the page cache in bursts).
-            if m.phase == Phase::Sleeping {
+            if m.phase == Phase::Sleeping
+                && m.asleep_since.is_some_and(|t| t.elapsed() >= ASLEEP_SETTLE)
+            {
                 m.observed_asleep_mb = m.observed_asleep_mb.max(cur.div_ceil(1024 * 1024));
             }
             if matches!(m.phase, Phase::Ready | Phase::Draining) {
@@ -1315,6 +1337,7 @@ impl Actor {
                 .unwrap_or(crate::config::KeepWarm::Forever),
             sleep_requested: m.sleep_requested,
             releasing_mb: m.release.as_ref().map(|r| r.vram_mb).unwrap_or(0),
+            stopping_from: m.stop_from,
             in_flight: m.in_flight,
             max_concurrency: m.cfg.max_concurrency,
             queue: &m.queue,
@@ -1472,6 +1495,7 @@ impl Actor {
                 if let Some(p) = &m.proc {
                     tracing::info!(model = %m.cfg.id, reason = reason.as_str(), "stopping runtime");
                     p.stop(m.cfg.stop_timeout);
+                    m.stop_from = Some(m.phase);
                     m.phase = Phase::Stopping;
                     if reason != EvictReason::Admin || m.ready_since.is_some() {
                         self.metrics
@@ -1514,6 +1538,7 @@ impl Actor {
                 if let Some(p) = &m.proc {
                     p.stop(Duration::ZERO);
                 }
+                m.stop_from = Some(m.phase);
                 m.phase = Phase::Stopping;
                 m.start_deadline = None;
             }
@@ -1842,6 +1867,25 @@ impl AcquireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn observed_vram_overrides_declared_both_ways() {
+        assert_eq!(
+            observed_or_declared(0, 4000),
+            4000,
+            "nothing seen yet: declared"
+        );
+        assert_eq!(
+            observed_or_declared(438, 4000),
+            438,
+            "smaller than declared"
+        );
+        assert_eq!(
+            observed_or_declared(5000, 4000),
+            5000,
+            "larger than declared"
+        );
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
