@@ -156,9 +156,9 @@ pub struct ModelView<'a> {
     pub asleep: Option<Footprint>,
     /// Where it may run: alternative sets of GPU pools (indices into [`Snapshot::pools`]); a
     /// host-only model has one empty set.
-    pub options: Vec<Vec<usize>>,
+    pub options: &'a [Vec<usize>],
     /// The GPU pools it is on while it holds memory.
-    pub placed: Vec<usize>,
+    pub placed: &'a [usize],
     pub in_flight: u32,
     pub max_concurrency: u32,
     pub queue: &'a [Queued],
@@ -816,9 +816,9 @@ pub fn plan(snap: &Snapshot<'_>, policy: &dyn Policy) -> Plan {
     for &(_, w) in &waiters {
         let m = &snap.models[w];
         let options: Vec<Vec<usize>> = if m.phase == Phase::Sleeping {
-            vec![m.placed.clone()]
+            vec![m.placed.to_vec()]
         } else {
-            m.options.clone()
+            m.options.to_vec()
         };
         let options: Vec<Vec<usize>> = options
             .into_iter()
@@ -1039,8 +1039,8 @@ mod tests {
                     vram_mb: m.vram,
                 },
                 asleep: m.asleep,
-                options: m.options.clone(),
-                placed: m.placed.clone(),
+                options: &m.options,
+                placed: &m.placed,
                 asleep_since: m.asleep_since,
                 keep_asleep: m.keep_asleep,
                 sleep_requested: m.sleep_requested,
@@ -1063,15 +1063,7 @@ mod tests {
     }
 
     fn run(now: Instant, pool: u64, ms: &[M]) -> Plan {
-        let snap = Snapshot {
-            now,
-            pools: vec![Pool {
-                name: "host".into(),
-                capacity_mb: pool,
-            }],
-            models: view(ms),
-        };
-        plan(&snap, &LongestIdle)
+        plan(&snapshot(now, &[pool], view(ms)), &LongestIdle)
     }
 
     #[test]
@@ -1422,7 +1414,12 @@ mod tests {
     // ---- GPU pools and sleep tiers ----
 
     fn run_pools(now: Instant, caps: &[u64], ms: &[M]) -> Plan {
-        let snap = Snapshot {
+        plan(&snapshot(now, caps, view(ms)), &LongestIdle)
+    }
+
+    /// Pool 0 (host) and GPU pools of these capacities.
+    fn snapshot<'a>(now: Instant, caps: &[u64], models: Vec<ModelView<'a>>) -> Snapshot<'a> {
+        Snapshot {
             now,
             pools: caps
                 .iter()
@@ -1436,9 +1433,8 @@ mod tests {
                     capacity_mb: *c,
                 })
                 .collect(),
-            models: view(ms),
-        };
-        plan(&snap, &LongestIdle)
+            models,
+        }
     }
 
     /// A model on GPU pool(s): `host` MB of RAM and `vram` MB on each placed GPU.
@@ -1713,20 +1709,7 @@ mod tests {
         let mut ms = vec![gone, w];
         let mut snap_views = view(&ms);
         snap_views[0].releasing_mb = 50_000;
-        let snap = Snapshot {
-            now: t0,
-            pools: vec![
-                Pool {
-                    name: "host".into(),
-                    capacity_mb: 8000,
-                },
-                Pool {
-                    name: "gpu0".into(),
-                    capacity_mb: 80_000,
-                },
-            ],
-            models: snap_views,
-        };
+        let snap = snapshot(t0, &[8000, 80_000], snap_views);
         assert_eq!(snap.used_mb(1), 50_000);
         assert!(plan(&snap, &LongestIdle).actions.is_empty());
         // Once freed, w starts (gone's own request comes second: FIFO).
@@ -1772,20 +1755,7 @@ mod tests {
         let mut v = view(&ms);
         v[0].stopping_from = Some(Phase::Sleeping);
         assert_eq!((v[0].usage(HOST), v[0].usage(1)), (42_000, 500));
-        let snap = Snapshot {
-            now: t0,
-            pools: vec![
-                Pool {
-                    name: "host".into(),
-                    capacity_mb: 60_000,
-                },
-                Pool {
-                    name: "gpu0".into(),
-                    capacity_mb: 80_000,
-                },
-            ],
-            models: v,
-        };
+        let snap = snapshot(t0, &[60_000, 80_000], v);
         assert!(
             plan(&snap, &LongestIdle).actions.is_empty(),
             "w must wait for the exit"
@@ -1860,20 +1830,7 @@ mod tests {
         let ms = [a, w];
         let mut v = view(&ms);
         v[0].unload_requested = true;
-        let snap = Snapshot {
-            now: t0,
-            pools: vec![
-                Pool {
-                    name: "host".into(),
-                    capacity_mb: 8000,
-                },
-                Pool {
-                    name: "gpu0".into(),
-                    capacity_mb: 80_000,
-                },
-            ],
-            models: v,
-        };
+        let snap = snapshot(t0, &[8000, 80_000], v);
         assert_eq!(
             plan(&snap, &LongestIdle).actions,
             vec![Action::Drain { model: 0 }]

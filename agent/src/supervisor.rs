@@ -1327,8 +1327,8 @@ impl Actor {
             phase: m.phase,
             hot: m.hot(),
             asleep: m.asleep(),
-            options: m.options.clone(),
-            placed: m.placed.clone(),
+            options: &m.options,
+            placed: &m.placed,
             asleep_since: m.asleep_since,
             keep_asleep: m
                 .cfg

@@ -13,8 +13,7 @@ HEARTH=$(readlink -f "${HEARTH:-target/release/hearth}")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=/usr/bin/python3
 PORT=${PORT:-18555}
-fail() { echo "FAIL: $*" >&2; exit 1; }
-ok() { echo "ok: $*"; }
+. "$ROOT/tests/hosts/lib.sh"
 # alive PID: exists and is not a zombie (a killed orphan may wait a moment for init to reap it)
 alive() { [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 [ "$(id -u)" = 0 ] || fail "run as root"
@@ -54,18 +53,6 @@ memory_mb = 50
 memory_max_mb = 100
 start_timeout = "30s"
 EOF
-api() { curl -sS "$@"; }
-start() {
-  "$HEARTH" run --config "$dir/hearth.toml" >>"$dir/hearth.log" 2>&1 &
-  HPID=$!
-  for _ in $(seq 200); do
-    api -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  cat "$dir/hearth.log"; fail "hearth did not answer /health"
-}
-status() { api "http://127.0.0.1:$PORT/hearth/v1/status"; }
-jq_() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 chat() {
   api -o "$dir/resp.json" -w '%{http_code}' "http://127.0.0.1:$PORT/v1/chat/completions" \
     -H 'content-type: application/json' \
@@ -74,10 +61,10 @@ chat() {
 trap 'kill $HPID 2>/dev/null || true' EXIT
 
 start
-echo "--- confinement"; status | jq_ 'd["confinement"]'
+echo "--- confinement"; status | q 'd["confinement"]'
 [ "$(chat escaper)" = 200 ] || fail "chat escaper: $(cat "$dir/resp.json")"
-pid=$(status | jq_ '[m for m in d["models"] if m["id"]=="escaper"][0]["pid"]')
-cgdir=$(status | jq_ '[m for m in d["models"] if m["id"]=="escaper"][0]["cgroup"]["path"][0]')
+pid=$(status | q '[m for m in d["models"] if m["id"]=="escaper"][0]["pid"]')
+cgdir=$(status | q '[m for m in d["models"] if m["id"]=="escaper"][0]["cgroup"]["path"][0]')
 echo "--- runtime pid $pid, cgroup $cgdir"
 cat "/proc/$pid/cgroup"
 grep -q "runtimes/escaper" "/proc/$pid/cgroup" || fail "not in its own cgroup"
@@ -101,7 +88,7 @@ g=$(pgrep -f "fault-injection-escaped-grandchild $dir/" || true)
 [ -n "$g" ] || fail "no escaped grandchild"
 echo "escaped grandchild $g: pgid $(ps -o pgid= -p "$g") vs runtime pgid $(ps -o pgid= -p "$pid")"
 sleep 1.2
-status | jq_ '[m for m in d["models"] if m["id"]=="escaper"][0]["cgroup"]'
+status | q '[m for m in d["models"] if m["id"]=="escaper"][0]["cgroup"]'
 api -o /dev/null -X POST "http://127.0.0.1:$PORT/hearth/v1/models/escaper/unload"
 for _ in $(seq 100); do [ -d "$cgdir" ] || break; sleep 0.1; done
 [ -d "$cgdir" ] && fail "cgroup not removed after unload"
@@ -111,14 +98,14 @@ ok "stop killed the whole cgroup (escaped grandchild included) and removed it"
 code=$(chat hog)
 echo "hog: HTTP $code $(cat "$dir/resp.json")"
 [ "$code" = 503 ] && grep -q "oom: limit 100 MB" "$dir/resp.json" || fail "no OOM failure"
-status | jq_ '[(m["state"], m["oom_kills_total"], m["last_error"].splitlines()[0]) for m in d["models"] if m["id"]=="hog"][0]'
+status | q '[(m["state"], m["oom_kills_total"], m["last_error"].splitlines()[0]) for m in d["models"] if m["id"]=="hog"][0]'
 api "http://127.0.0.1:$PORT/metrics" | grep -E 'oom_kills_total|reason="oom"'
 ok "OOM detected and reported with the limit"
 
 [ "$(chat escaper)" = 200 ] || fail "chat escaper again"
 sleep 0.5
 g=$(pgrep -f "fault-injection-escaped-grandchild $dir/")
-cgdir=$(status | jq_ '[m for m in d["models"] if m["id"]=="escaper"][0]["cgroup"]["path"][0]')
+cgdir=$(status | q '[m for m in d["models"] if m["id"]=="escaper"][0]["cgroup"]["path"][0]')
 kill -9 "$HPID"; wait "$HPID" 2>/dev/null || true
 sleep 0.5
 alive "$g" || fail "grandchild died with hearth (nothing to clean up)"
@@ -129,7 +116,7 @@ t1=$(date +%s.%N)
 alive "$g" && fail "leftover survived the restart"
 [ -d "$cgdir" ] && fail "leftover cgroup not removed"
 echo "leftovers gone before /health answered: $($PY -c "print(round($t1 - $t0, 3))") s after the restart began"
-status | jq_ 'd["confinement"]["leftovers_killed"]'
+status | q 'd["confinement"]["leftovers_killed"]'
 ok "kill -9 + restart"
 kill -TERM "$HPID"; wait "$HPID" || true
 grep -E "confined|leftover|OOM|oom" "$dir/hearth.log" | cut -c1-300 | head -20

@@ -21,8 +21,7 @@ A=$(readlink -f "${MODEL_A:?first GGUF}")
 B=$(readlink -f "${MODEL_B:?second GGUF}")
 PY=${PY:-python3}
 PORT=${PORT:-18556}
-fail() { echo "FAIL: $*" >&2; exit 1; }
-ok() { echo "ok: $*"; }
+. "$(cd "$(dirname "$0")" && pwd)/lib.sh"
 [ "$(id -u)" = 0 ] || fail "run as root"
 id hearth-runtime >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
   --shell /usr/sbin/nologin --user-group hearth-runtime
@@ -73,19 +72,7 @@ start_timeout = "120s"
 env = { $envs }
 EOF
 }
-api() { curl -sS "$@"; }
-start() {
-  "$HEARTH" run --config "$dir/hearth.toml" >>"$dir/hearth.log" 2>&1 &
-  HPID=$!
-  for _ in $(seq 200); do
-    api -o /dev/null "http://127.0.0.1:$PORT/health" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  cat "$dir/hearth.log"; fail "hearth did not answer /health"
-}
 stop() { kill "$HPID"; wait "$HPID" || true; }
-status() { api "http://127.0.0.1:$PORT/hearth/v1/status"; }
-q() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 model() { status | q "[m for m in d['models'] if m['id']=='$1'][0]$2"; }
 chat() {
   api -o "$dir/resp.json" -w '%{http_code}' "http://127.0.0.1:$PORT/v1/chat/completions" \

@@ -558,17 +558,7 @@ impl Hearth<'_> {
 
     async fn post_action(&self, action: &str) -> Result<()> {
         let url = format!("{}/hearth/v1/models/{MODEL_ID}/{action}", self.base);
-        let (s, body) = call(
-            &self.client,
-            Method::POST,
-            &url,
-            None,
-            Duration::from_secs(10),
-        )
-        .await?;
-        if !s.is_success() {
-            bail!("POST {url}: HTTP {s}: {}", String::from_utf8_lossy(&body));
-        }
+        client::call_json(&self.client, Method::POST, &url, Duration::from_secs(10)).await?;
         Ok(())
     }
 

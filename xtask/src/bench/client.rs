@@ -217,11 +217,21 @@ pub async fn call(
 }
 
 pub async fn get_json(client: &HttpClient, url: &str) -> Result<serde_json::Value> {
-    let (status, body) = call(client, Method::GET, url, None, Duration::from_secs(5)).await?;
+    call_json(client, Method::GET, url, Duration::from_secs(5)).await
+}
+
+/// A bodiless call that must succeed (2xx) and answer JSON.
+pub async fn call_json(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let (status, body) = call(client, method.clone(), url, None, timeout).await?;
     if !status.is_success() {
-        return Err(anyhow!("GET {url}: HTTP {status}: {}", snippet(&body)));
+        return Err(anyhow!("{method} {url}: HTTP {status}: {}", snippet(&body)));
     }
-    serde_json::from_slice(&body).with_context(|| format!("GET {url}: body is not JSON"))
+    serde_json::from_slice(&body).with_context(|| format!("{method} {url}: body is not JSON"))
 }
 
 /// Failures of one phase: how many, and the first few distinct messages.

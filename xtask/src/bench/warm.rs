@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hyper::{Method, Uri};
 
-use super::client::{call, chat_body, get_json, new_client, timed_chat, HttpClient};
+use super::client::{call, call_json, chat_body, get_json, new_client, timed_chat, HttpClient};
 use super::procs::{self, Proc, Reaper};
 use super::stats::{self, median, CpuSnapshot, Machine};
 
@@ -254,27 +254,12 @@ impl Hearth<'_> {
 
     async fn post(&self, action: &str, limit: Duration) -> Result<serde_json::Value> {
         let url = format!("{}/hearth/v1/models/{MODEL_ID}/{action}", self.base);
-        let (s, body) = call(&self.client, Method::POST, &url, None, limit).await?;
-        if !s.is_success() {
-            bail!("POST {url}: HTTP {s}: {}", String::from_utf8_lossy(&body));
-        }
-        serde_json::from_slice(&body).with_context(|| format!("POST {url}: not JSON"))
+        call_json(&self.client, Method::POST, &url, limit).await
     }
 
     async fn resident(&self) -> Result<f64> {
         let url = format!("{}/hearth/v1/models/{MODEL_ID}/page-cache", self.base);
-        let (s, body) = call(
-            &self.client,
-            Method::GET,
-            &url,
-            None,
-            Duration::from_secs(60),
-        )
-        .await?;
-        if !s.is_success() {
-            bail!("GET {url}: HTTP {s}: {}", String::from_utf8_lossy(&body));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        let v = call_json(&self.client, Method::GET, &url, Duration::from_secs(60)).await?;
         v["resident_fraction"]
             .as_f64()
             .with_context(|| format!("GET {url}: no resident_fraction in {v}"))
