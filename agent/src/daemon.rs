@@ -34,6 +34,41 @@ pub enum DaemonError {
     Serve(#[source] std::io::Error),
 }
 
+/// How long without a new request before hearth hands its allocator's free memory back to the OS.
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
+
+/// After a burst of requests the allocator keeps the buffers it freed (glibc raises its trim
+/// threshold after large frees, and free chunks inside the heap are never returned on their own), so
+/// an idle hearth would stay at its busiest size. Once per idle period (no request for
+/// [`IDLE_TRIM_AFTER`]) this returns them. Measured with `cargo xtask bench` on the 2-CPU VM: idle
+/// RSS after the bench's ~60,000 requests 11.1 MB before, 9.8 MB with it (8.1 MB at start).
+async fn release_memory_when_idle(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(IDLE_TRIM_AFTER);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut trimmed) = (state.forwarded(), state.forwarded());
+    loop {
+        tick.tick().await;
+        let now = state.forwarded();
+        if now == seen && now != trimmed {
+            trimmed = now;
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+        }
+        seen = now;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim(3) has no preconditions and takes no pointers: it locks each arena itself
+    // and only gives the pages of free chunks back to the kernel, never memory that is allocated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
+
 /// Runs until SIGTERM or SIGINT; every runtime is stopped before it returns.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
@@ -74,6 +109,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     let sensor = crate::sensor::Sensor::start(&config.sensor, metrics.clone());
     let state = AppState::new(config.clone(), supervisor.clone(), sensor, metrics);
+    tokio::spawn(release_memory_when_idle(state.clone()));
     tracing::info!(
         %addr,
         models = config.models.len(),

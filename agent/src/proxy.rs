@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,10 +25,11 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
+use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -111,6 +113,8 @@ pub struct AppState {
     /// Per model (by index): the queue-wait histogram, resolved once.
     queue_wait: Vec<prometheus::Histogram>,
     created: u64,
+    /// Requests forwarded so far (any outcome): what the idle-memory housekeeping watches.
+    forwarded: std::sync::atomic::AtomicU64,
 }
 
 impl AppState {
@@ -150,7 +154,13 @@ impl AppState {
             names,
             queue_wait,
             created,
+            forwarded: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many requests have been forwarded (or refused after their model was resolved) so far.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The index of the model named `name` (its id or an alias).
@@ -421,6 +431,8 @@ async fn forward(State(st): State<Arc<AppState>>, req: Request) -> Response {
     } else {
         bytes
     };
+    st.forwarded
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let resp = async {
         let t0 = Instant::now();
         let grant = match st.supervisor.acquire(idx).await {
@@ -496,7 +508,14 @@ async fn send_upstream(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let uri = match format!("http://{}{}", grant.addr, pq).parse::<http::Uri>() {
+    // The pooled client takes an absolute URI; a request on a connection of its own goes out as is, so
+    // it takes the origin form and a Host header.
+    let uri = if streaming {
+        pq.parse::<http::Uri>()
+    } else {
+        format!("http://{}{}", grant.addr, pq).parse::<http::Uri>()
+    };
+    let uri = match uri {
         Ok(u) => u,
         Err(e) => {
             return ApiError::new(
@@ -515,11 +534,11 @@ async fn send_upstream(
             &[header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH],
         );
         if streaming {
-            // llama-server closes the connection after a streamed response although it announces
-            // keep-alive; a pooled connection reused in that window fails the next request. So a
-            // streamed request gets a connection of its own (measured: 5 % of concurrent streamed
-            // requests failed with reuse, none without).
+            // See own_connection.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if let Ok(host) = HeaderValue::from_str(&grant.addr.to_string()) {
+                h.insert(header::HOST, host);
+            }
         }
     }
     let up = match up.body(Full::new(body)) {
@@ -529,7 +548,16 @@ async fn send_upstream(
                 .into_response()
         }
     };
-    let resp = match st.client.request(up).await {
+    let sent = if streaming {
+        own_connection(grant.addr, up).await
+    } else {
+        st.client
+            .request(up)
+            .await
+            .map(|r| (r, None))
+            .map_err(|e| e.to_string())
+    };
+    let (resp, conn) = match sent {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "runtime did not answer");
@@ -557,6 +585,7 @@ async fn send_upstream(
     }
     let body = GrantedBody {
         inner: incoming,
+        conn,
         grant: Some(grant),
         sse,
         model: model.to_string(),
@@ -571,11 +600,50 @@ async fn send_upstream(
 /// How long a request whose runtime died waits to learn why (OOM, exit status) before answering.
 const DEATH_REASON_WAIT: Duration = Duration::from_secs(1);
 
-type DyingFuture = Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+type DyingFuture = Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// A streamed request's own upstream connection, driven by the response body that reads from it.
+type OwnConn = Pin<Box<hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>;
+
+/// Sends a streamed request on a connection of its own and drives that connection in this task: no
+/// connection task is spawned, and the frames the runtime sent together reach the client in one write
+/// (the connection decodes the next frame as soon as the body has taken the previous one). llama-server
+/// closes the connection after every streamed response although it announces keep-alive, so a pooled
+/// connection reused in that window would fail the next request (measured: 5 % of concurrent streamed
+/// requests failed with reuse, none without); `Connection: close` says so to the runtime.
+async fn own_connection(
+    addr: std::net::SocketAddr,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(http::Response<hyper::body::Incoming>, Option<OwnConn>), String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| format!("setting TCP_NODELAY on the connection to {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn: Option<OwnConn> = Some(Box::pin(conn));
+    let mut resp = std::pin::pin!(sender.send_request(req));
+    std::future::poll_fn(|cx| {
+        if let Some(c) = conn.as_mut() {
+            match c.as_mut().poll(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(Ok(())) => conn = None,
+                Poll::Pending => {}
+            }
+        }
+        resp.as_mut().poll(cx).map_err(|e| e.to_string())
+    })
+    .await
+    .map(|r| (r, conn))
+}
 
 /// The runtime's response body, passed through frame by frame, holding the grant until it ends.
 struct GrantedBody {
     inner: hyper::body::Incoming,
+    /// The connection a streamed response arrives on, polled before each frame is read.
+    conn: Option<OwnConn>,
     grant: Option<Grant>,
     sse: bool,
     model: String,
@@ -605,9 +673,16 @@ impl HttpBody for GrantedBody {
                 }
             };
         }
+        if let Some(c) = self.conn.as_mut() {
+            // An error here also ends the body with an error, handled below.
+            if c.as_mut().poll(cx).is_ready() {
+                self.conn = None;
+            }
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 self.grant = None;
+                self.conn = None;
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {

@@ -29,6 +29,9 @@ use stats::{CpuSnapshot, Machine};
 /// Set in the environment of the release build that a debug build re-runs.
 const REEXEC_ENV: &str = "HEARTH_BENCH_REEXEC";
 
+/// How long hearth is left without requests before its idle RSS is read.
+const IDLE_SETTLE: Duration = Duration::from_millis(2500);
+
 /// Model id used in the generated hearth configuration.
 const MODEL_ID: &str = "bench-tiny";
 
@@ -41,10 +44,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Seconds per measured phase (one phase = one path, one scenario)
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub phase_secs: f64,
     /// Direct/hearth phase pairs per scenario, interleaved ABBA to cancel drift (even is balanced)
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 10)]
     pub rounds: u32,
     /// Closed-loop concurrency levels
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
@@ -85,6 +88,11 @@ pub struct BenchArgs {
     /// Run the load generator as it was built (by default a debug build re-runs itself with --release)
     #[arg(long)]
     pub no_reexec: bool,
+    /// The hearth path's streamed requests also send `Connection: close`, as the direct path's must
+    /// (llama-server closes the connection after every streamed response): a like-for-like client
+    /// instead of one that keeps its connection to hearth alive, as the openai SDK does
+    #[arg(long)]
+    pub hearth_stream_close: bool,
     /// Extra llama-server argument for the model (repeatable; appended to the configuration's `args`,
     /// and so also used by the direct server), e.g. --runtime-arg=--log-disable
     #[arg(long = "runtime-arg", allow_hyphen_values = true)]
@@ -194,6 +202,17 @@ pub(crate) enum Route {
 }
 
 impl Route {
+    /// Whether this path's streamed requests use a fresh connection each. llama-server closes the
+    /// connection after every streamed response although it announces keep-alive, so a pooled client
+    /// races that close and fails ("connection closed before message completed"): the direct path
+    /// must. hearth keeps its clients' connections open, so by default its path keeps them alive.
+    fn closes_streams(self, args: &BenchArgs) -> bool {
+        match self {
+            Route::Direct => true,
+            Route::Hearth => args.hearth_stream_close,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Route::Direct => "direct",
@@ -667,7 +686,15 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
             ));
             let uri: Uri = format!("{hearth_base}/v1/chat/completions").parse()?;
             let body = chat_body(MODEL_ID, args.max_tokens, false);
-            if let Err(e) = timed_chat(&h.client, &uri, &body, false, Duration::from_secs(60)).await
+            if let Err(e) = timed_chat(
+                &h.client,
+                &uri,
+                &body,
+                false,
+                false,
+                Duration::from_secs(60),
+            )
+            .await
             {
                 bail!(
                     "first request through hearth failed: {e}\nhearth log:\n{}",
@@ -743,7 +770,8 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
                 } else {
                     &hearth_uri
                 };
-                let w = run_phase(uri, &body, stream, c, warmup, req_timeout).await;
+                let close = path.closes_streams(&args);
+                let w = run_phase(uri, &body, stream, close, c, warmup, req_timeout).await;
                 if w.errors.count > 0 {
                     notes.push(format!(
                         "{label} {} warm-up (not counted): {} failed requests, e.g. {}",
@@ -784,7 +812,8 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
                     };
                     let before = cpu_now();
                     let busy0 = CpuSnapshot::take();
-                    let r = run_phase(uri, &body, stream, c, phase, req_timeout).await;
+                    let close = path.closes_streams(&args);
+                    let r = run_phase(uri, &body, stream, close, c, phase, req_timeout).await;
                     let busy1 = CpuSnapshot::take();
                     let after = cpu_now();
                     let used: Vec<f64> = before
@@ -914,12 +943,14 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
             }
 
             // Idle RSS after the benchmark: with the model still loaded, then after unloading it.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Idle means no request for IDLE_SETTLE: hearth hands its allocator's free memory back
+            // to the OS after a second without requests (checked every second).
+            tokio::time::sleep(IDLE_SETTLE).await;
             rss_after = procs::rss_kib(h.proc_.pid()).ok();
             match h.post_action("unload").await {
                 Ok(()) => match h.wait_state("cold", Duration::from_secs(30)).await {
                     Ok(_) => {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::time::sleep(IDLE_SETTLE).await;
                         rss_after_unload = procs::rss_kib(h.proc_.pid()).ok();
                     }
                     Err(e) => notes.push(format!("final unload: {e:#}")),
@@ -1021,7 +1052,7 @@ async fn cold_direct_run(
     let spawn_to_ready = t0.elapsed();
     let uri: Uri = format!("{base}/v1/chat/completions").parse()?;
     let body: Bytes = chat_body(MODEL_ID, args.max_tokens, true);
-    let s = timed_chat(&client, &uri, &body, true, Duration::from_secs(30))
+    let s = timed_chat(&client, &uri, &body, true, true, Duration::from_secs(30))
         .await
         .map_err(|e| anyhow!("first request on a fresh llama-server: {e}"))?;
     drop(client);
@@ -1048,7 +1079,8 @@ async fn cold_hearth_run(
     let starts_before = before.get("starts_total").and_then(|v| v.as_i64());
     let uri: Uri = format!("{}/v1/chat/completions", h.base).parse()?;
     let body = chat_body(MODEL_ID, args.max_tokens, true);
-    let s = timed_chat(&h.client, &uri, &body, true, Duration::from_secs(60))
+    let close = args.hearth_stream_close;
+    let s = timed_chat(&h.client, &uri, &body, true, close, Duration::from_secs(60))
         .await
         .map_err(|e| anyhow!("request to the cold model: {e}"))?;
     let after = h.model().await?;

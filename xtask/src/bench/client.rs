@@ -55,6 +55,7 @@ pub async fn timed_chat(
     uri: &Uri,
     body: &Bytes,
     stream: bool,
+    close: bool,
     timeout: Duration,
 ) -> std::result::Result<Sample, String> {
     let start = Instant::now();
@@ -63,10 +64,7 @@ pub async fn timed_chat(
             .method(Method::POST)
             .uri(uri.clone())
             .header(header::CONTENT_TYPE, "application/json");
-        if stream {
-            // llama-server closes the connection after every streamed response although it announces
-            // keep-alive; a pooled client then races that close and fails ("connection closed before
-            // message completed"). Streaming requests therefore use a fresh connection each, on both paths.
+        if close {
             req = req.header(header::CONNECTION, "close");
         }
         let req = req
@@ -273,6 +271,7 @@ pub async fn run_phase(
     uri: &Uri,
     body: &Bytes,
     stream: bool,
+    close_streams: bool,
     concurrency: usize,
     duration: Duration,
     timeout: Duration,
@@ -289,7 +288,16 @@ pub async fn run_phase(
             let mut samples = Vec::new();
             let mut errors = Errors::default();
             while Instant::now() < deadline {
-                match timed_chat(&client, &uri, &body, stream, timeout).await {
+                match timed_chat(
+                    &client,
+                    &uri,
+                    &body,
+                    stream,
+                    stream && close_streams,
+                    timeout,
+                )
+                .await
+                {
                     Ok(s) => samples.push(s),
                     Err(e) => {
                         errors.add(e);

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::stats::{median, ms, signed_ms, summarize, Summary};
+use super::stats::{mean_ci, median, ms, signed_ms, summarize, Summary};
 use super::{Agg, Results, Scenario};
 
 pub const BEGIN: &str = "<!-- bench-results:begin -->";
@@ -28,6 +28,8 @@ struct Verdict {
     pass: Option<bool>,
     /// Requests through hearth failed in the scenarios the target is judged on.
     failures: bool,
+    /// The 95 % confidence interval spans the target: neither pass nor FAIL.
+    inconclusive: bool,
 }
 
 fn totals(a: &Agg) -> Summary {
@@ -50,6 +52,22 @@ fn throughput_pct(s: &Scenario) -> Option<f64> {
     let h = s.hearth.as_ref()?;
     let d = s.direct.rps();
     (d > 0.0).then(|| 100.0 * h.rps() / d)
+}
+
+/// hearth's rate as a percentage of direct's in each round (the two phases of a round are adjacent
+/// in time, so drift between rounds cancels): the mean over the rounds with its 95 % confidence
+/// interval.
+fn throughput_ci(s: &Scenario) -> Option<(f64, f64, f64)> {
+    let h = s.hearth.as_ref()?;
+    let per_round: Vec<f64> = s
+        .direct
+        .phase_rps
+        .iter()
+        .zip(&h.phase_rps)
+        .filter(|(d, _)| **d > 0.0)
+        .map(|(d, h)| 100.0 * h / d)
+        .collect();
+    mean_ci(&per_round)
 }
 
 pub struct Cold {
@@ -139,6 +157,7 @@ fn verdicts(r: &Results) -> Vec<Verdict> {
             },
             pass,
             failures,
+            inconclusive: false,
         }
     };
     out.push(latency(|s| s.p50, TARGET_P50_MS, "p50"));
@@ -147,6 +166,7 @@ fn verdicts(r: &Results) -> Vec<Verdict> {
     let mut parts = Vec::new();
     let mut pass = None;
     let mut failures = false;
+    let mut inconclusive = false;
     for s in at(highest) {
         if let Some(pct) = throughput_pct(s) {
             let failed = match &s.hearth {
@@ -155,11 +175,28 @@ fn verdicts(r: &Results) -> Vec<Verdict> {
                 }
                 _ => String::new(),
             };
-            parts.push(format!("{} {pct:.1} %{failed}", mode(s)));
-            pass = Some(pass.unwrap_or(true) && pct >= TARGET_THROUGHPUT);
+            // Judged on the per-round ratios' confidence interval where there are rounds enough,
+            // else on the merged rates.
+            let (ci, ok) = match throughput_ci(s) {
+                Some((m, lo, hi)) => {
+                    inconclusive |= lo < TARGET_THROUGHPUT && hi >= TARGET_THROUGHPUT;
+                    (
+                        format!(" (per round {m:.1} %, 95 % CI {lo:.1} .. {hi:.1} %)"),
+                        lo >= TARGET_THROUGHPUT,
+                    )
+                }
+                None => (String::new(), pct >= TARGET_THROUGHPUT),
+            };
+            parts.push(format!("{} {pct:.1} %{ci}{failed}", mode(s)));
+            pass = Some(pass.unwrap_or(true) && ok);
             failures |= s.hearth.as_ref().is_some_and(|h| h.errors.count > 0);
         }
     }
+    // One scenario clearly below the target fails the target whatever the others' intervals.
+    let clearly_below = at(highest)
+        .iter()
+        .any(|s| throughput_ci(s).is_some_and(|(_, _, hi)| hi < TARGET_THROUGHPUT));
+    inconclusive &= !clearly_below;
     out.push(Verdict {
         target: format!(
             "throughput >= {TARGET_THROUGHPUT} % of direct (concurrency {})",
@@ -172,6 +209,7 @@ fn verdicts(r: &Results) -> Vec<Verdict> {
         },
         pass,
         failures,
+        inconclusive,
     });
 
     let c = cold(r);
@@ -183,6 +221,7 @@ fn verdicts(r: &Results) -> Vec<Verdict> {
         },
         pass: c.overhead.map(|o| o < TARGET_COLD_MS),
         failures: r.cold_hearth.len() < r.args.cold_runs as usize,
+        inconclusive: false,
     });
 
     let rss: Vec<u64> = [r.rss_start, r.rss_after, r.rss_after_unload]
@@ -199,6 +238,7 @@ fn verdicts(r: &Results) -> Vec<Verdict> {
         },
         pass: worst.map(|k| mb(k) < TARGET_RSS_MB),
         failures: false,
+        inconclusive: false,
     });
     out
 }
@@ -241,6 +281,9 @@ fn noisy_tag(r: &Results) -> &'static str {
 
 /// A target passes only if its numbers meet it and no request it is judged on failed.
 fn verdict_word(v: &Verdict) -> &'static str {
+    if v.inconclusive && !v.failures {
+        return "inconclusive (CI spans the target)";
+    }
     match (v.pass, v.failures) {
         (Some(true), false) => "pass",
         (Some(true), true) => "FAIL (numbers met, but requests failed)",
@@ -485,6 +528,15 @@ pub fn markdown(r: &Results) -> String {
         r.args.phase_secs,
         (r.args.phase_secs / 4.0).min(1.0),
         r.args.cold_runs
+    );
+    let _ = writeln!(
+        o,
+        "| client connections | keep-alive; streamed requests: a fresh connection each on the direct path (llama-server closes it after every streamed response), {} |",
+        if r.args.hearth_stream_close {
+            "and on the hearth path too (`--hearth-stream-close`)"
+        } else {
+            "kept alive on the hearth path (hearth keeps its clients' connections open)"
+        }
     );
 
     if foreign_max(r) > NOISY_CPUS {

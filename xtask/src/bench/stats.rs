@@ -282,6 +282,32 @@ pub fn signed_ms(v: f64) -> String {
     format!("{v:+.3}")
 }
 
+/// Two-sided 95 % quantile of Student's t distribution with `df` degrees of freedom.
+pub fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        d if d <= T.len() => T[d - 1],
+        _ => 1.96,
+    }
+}
+
+/// Mean of `v` with its 95 % confidence interval (t distribution; the rounds are the samples).
+pub fn mean_ci(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let n = v.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = v.iter().sum::<f64>() / n as f64;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = t975(n - 1) * (var / n as f64).sqrt();
+    Some((mean, mean - half, mean + half))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

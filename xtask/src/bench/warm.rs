@@ -291,9 +291,16 @@ impl Hearth<'_> {
         let uri: Uri = format!("{}/v1/chat/completions", self.base).parse()?;
         let body = chat_body(MODEL_ID, 2, false);
         let t0 = Instant::now();
-        timed_chat(&self.client, &uri, &body, false, Duration::from_secs(600))
-            .await
-            .map_err(|e| anyhow::anyhow!("request to the cold model: {e}"))?;
+        timed_chat(
+            &self.client,
+            &uri,
+            &body,
+            false,
+            false,
+            Duration::from_secs(600),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("request to the cold model: {e}"))?;
         let request_s = t0.elapsed().as_secs_f64();
         let after = self.model().await?;
         let started = after["starts_total"].as_i64().unwrap_or(-1) - starts;

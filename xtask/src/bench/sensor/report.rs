@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::kernel::PROGRAMS;
 use super::{Agg, Results, ScenarioKind, ScenarioResult};
-use crate::bench::stats::{median, summarize};
+use crate::bench::stats::{mean_ci, median, summarize};
 
 /// Throughput or request rate lost with the programs attached, at most (percent).
 const TARGET_LOSS_PCT: f64 = 1.0;
@@ -83,32 +83,6 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         v.iter().copied().fold(f64::INFINITY, f64::min),
         v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     )
-}
-
-/// Two-sided 95 % quantile of Student's t distribution with `df` degrees of freedom.
-fn t975(df: usize) -> f64 {
-    const T: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042,
-    ];
-    match df {
-        0 => f64::INFINITY,
-        d if d <= T.len() => T[d - 1],
-        _ => 1.96,
-    }
-}
-
-/// Mean of `v` with its 95 % confidence interval (t distribution; the rounds are the samples).
-fn mean_ci(v: &[f64]) -> Option<(f64, f64, f64)> {
-    let n = v.len();
-    if n < 2 {
-        return None;
-    }
-    let mean = v.iter().sum::<f64>() / n as f64;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    let half = t975(n - 1) * (var / n as f64).sqrt();
-    Some((mean, mean - half, mean + half))
 }
 
 /// CPUs other processes kept busy on average during the phases.
