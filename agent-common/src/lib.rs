@@ -84,4 +84,51 @@ mod pod {
     unsafe impl aya::Pod for super::FlowStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
+
+    impl super::FlowEvent {
+        /// The event in a record of the `EVENTS` ring buffer (None if the record is too short).
+        pub fn from_record(record: &[u8]) -> Option<super::FlowEvent> {
+            if record.len() < core::mem::size_of::<super::FlowEvent>() {
+                return None;
+            }
+            // SAFETY: FlowEvent is plain old data (above: every bit pattern is a value), the record
+            // holds at least its size in bytes, and read_unaligned copes with any alignment.
+            Some(unsafe { core::ptr::read_unaligned(record.as_ptr().cast()) })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{FlowEvent, FlowKey, AF_INET, EVENT_CLOSE};
+
+        #[test]
+        fn a_record_is_read_back_at_any_alignment_and_a_short_one_is_refused() {
+            let ev = FlowEvent {
+                key: FlowKey {
+                    local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    remote_addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    local_port: 18789,
+                    remote_port: 40000,
+                    family: AF_INET,
+                    _pad: 0,
+                },
+                kind: EVENT_CLOSE,
+                _pad: 0,
+                ts_ns: 123_456_789,
+            };
+            let size = core::mem::size_of::<FlowEvent>();
+            // One byte in, so the record is not 8-byte aligned.
+            let mut buf = [0u8; 128];
+            // SAFETY: FlowEvent is plain old data; the destination holds `size` bytes after offset 1.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (&raw const ev).cast::<u8>(),
+                    buf.as_mut_ptr().add(1),
+                    size,
+                );
+            }
+            assert_eq!(FlowEvent::from_record(&buf[1..1 + size]), Some(ev));
+            assert_eq!(FlowEvent::from_record(&buf[1..size]), None);
+        }
+    }
 }

@@ -55,40 +55,18 @@ pub fn hearth_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
+/// The addresses and ports of a TCP packet: (family, source, destination, source port, destination
+/// port), ports in host byte order.
+type Endpoints = (u16, [u8; 16], [u8; 16], u16, u16);
+
 /// Adds a TCP packet (the skb starts at the IP header in `cgroup_skb`) to its flow in `FLOWS`.
 #[inline(always)]
 fn count(ctx: &SkBuffContext, dir: Direction) -> Option<()> {
-    // As few helper calls as possible (each `bpf_skb_load_bytes` costs): the first 20 bytes hold the
-    // whole fixed IPv4 header, or the start of an IPv6 one.
-    let h: [u8; 20] = ctx.load(0).ok()?;
-    let b0 = h[0];
-    let (family, src, dst, l4) = match b0 >> 4 {
-        4 => {
-            let ihl = flow::ipv4_header_len(b0)?;
-            if h[9] != IPPROTO_TCP {
-                return None;
-            }
-            let src = [h[12], h[13], h[14], h[15]];
-            let dst = [h[16], h[17], h[18], h[19]];
-            (AF_INET, flow::v4(src), flow::v4(dst), ihl)
-        }
-        6 => {
-            // TCP right after the fixed header; packets with extension headers are not counted.
-            if h[6] != IPPROTO_TCP {
-                return None;
-            }
-            let addrs: [u8; 32] = ctx.load(8).ok()?;
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&addrs[..16]);
-            dst.copy_from_slice(&addrs[16..]);
-            (AF_INET6, src, dst, 40)
-        }
-        _ => return None,
+    let (family, src, dst, sport, dport) = match direct(ctx) {
+        Direct::Tcp(e) => e,
+        Direct::NotTcp => return None,
+        Direct::Short => loaded(ctx)?,
     };
-    let ports: [u8; 4] = ctx.load(l4).ok()?;
-    let sport = u16::from_be_bytes([ports[0], ports[1]]);
-    let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let key = flow::packet_key(family, src, dst, sport, dport, dir);
     let len = u64::from(ctx.len());
 
@@ -121,6 +99,122 @@ fn count(ctx: &SkBuffContext, dir: Direction) -> Option<()> {
         add(stats, dir, len);
     }
     Some(())
+}
+
+/// What direct packet access found.
+enum Direct {
+    Tcp(Endpoints),
+    /// Not TCP, or an IPv6 packet with extension headers: not counted.
+    NotTcp,
+    /// The headers are not all in the linear part of the buffer: read them with the helper instead.
+    Short,
+}
+
+/// Reads the headers straight from the packet (`cgroup_skb` may read `data`..`data_end` directly),
+/// without a helper call. Egress buffers and TCP's received ones have their headers in the linear part,
+/// so [`loaded`] is only the fallback.
+#[inline(always)]
+fn direct(ctx: &SkBuffContext) -> Direct {
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the program's context; reading its `data` and `data_end` fields is what the
+    // verifier turns into packet pointers.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    if data + 20 > end {
+        return Direct::Short;
+    }
+    // SAFETY (every packet read below): the bytes read lie in data..end, checked just before, as the
+    // verifier also proves.
+    let at = |i: usize| unsafe { *((data + i) as *const u8) };
+    let b0 = at(0);
+    match b0 >> 4 {
+        4 => {
+            let Some(ihl) = flow::ipv4_header_len(b0) else {
+                return Direct::NotTcp;
+            };
+            if at(9) != IPPROTO_TCP {
+                return Direct::NotTcp;
+            }
+            let l4 = data + ihl;
+            if l4 + 4 > end {
+                return Direct::Short;
+            }
+            let src = [at(12), at(13), at(14), at(15)];
+            let dst = [at(16), at(17), at(18), at(19)];
+            // SAFETY: l4..l4 + 4 lies in data..end, checked above.
+            let port = |i: usize| unsafe { *((l4 + i) as *const u8) };
+            Direct::Tcp((
+                AF_INET,
+                flow::v4(src),
+                flow::v4(dst),
+                u16::from_be_bytes([port(0), port(1)]),
+                u16::from_be_bytes([port(2), port(3)]),
+            ))
+        }
+        6 => {
+            if data + 44 > end {
+                return Direct::Short;
+            }
+            // TCP right after the fixed header; packets with extension headers are not counted.
+            if at(6) != IPPROTO_TCP {
+                return Direct::NotTcp;
+            }
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            let mut i = 0;
+            while i < 16 {
+                src[i] = at(8 + i);
+                dst[i] = at(24 + i);
+                i += 1;
+            }
+            Direct::Tcp((
+                AF_INET6,
+                src,
+                dst,
+                u16::from_be_bytes([at(40), at(41)]),
+                u16::from_be_bytes([at(42), at(43)]),
+            ))
+        }
+        _ => Direct::NotTcp,
+    }
+}
+
+/// The same as [`direct`] through `bpf_skb_load_bytes`, for buffers whose headers are not linear.
+#[inline(always)]
+fn loaded(ctx: &SkBuffContext) -> Option<Endpoints> {
+    // The first 20 bytes hold the whole fixed IPv4 header, or the start of an IPv6 one.
+    let h: [u8; 20] = ctx.load(0).ok()?;
+    let b0 = h[0];
+    let (family, src, dst, l4) = match b0 >> 4 {
+        4 => {
+            let ihl = flow::ipv4_header_len(b0)?;
+            if h[9] != IPPROTO_TCP {
+                return None;
+            }
+            let src = [h[12], h[13], h[14], h[15]];
+            let dst = [h[16], h[17], h[18], h[19]];
+            (AF_INET, flow::v4(src), flow::v4(dst), ihl)
+        }
+        6 => {
+            if h[6] != IPPROTO_TCP {
+                return None;
+            }
+            let addrs: [u8; 32] = ctx.load(8).ok()?;
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&addrs[..16]);
+            dst.copy_from_slice(&addrs[16..]);
+            (AF_INET6, src, dst, 40)
+        }
+        _ => return None,
+    };
+    let ports: [u8; 4] = ctx.load(l4).ok()?;
+    Some((
+        family,
+        src,
+        dst,
+        u16::from_be_bytes([ports[0], ports[1]]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
 }
 
 /// Atomic adds on an entry other CPUs may update at the same time: `lock *(u64 *)(r + off) += r'`

@@ -255,12 +255,9 @@ fn drain(
     closed: &mut Vec<FlowKey>,
 ) {
     while let Some(item) = rb.next() {
-        if item.len() < std::mem::size_of::<FlowEvent>() {
+        let Some(ev) = FlowEvent::from_record(&item) else {
             continue;
-        }
-        // SAFETY: the ring buffer holds FlowEvent records (agent-ebpf writes nothing else), the
-        // length is checked above, and read_unaligned copes with any alignment.
-        let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        };
         let (local, remote) = addrs(&ev.key);
         let at_ms = clock.to_unix_ms(ev.ts_ns);
         if ev.kind != EVENT_OPEN {

@@ -17,7 +17,7 @@ use aya::programs::{
     CgroupSkbAttachType, TracePoint,
 };
 use aya::{Ebpf, EbpfLoader};
-use hearth_common::{names, FlowKey, FlowStats, MAX_PORTS};
+use hearth_common::{names, FlowEvent, FlowKey, FlowStats, EVENT_OPEN, MAX_PORTS};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::time::{clock_gettime, ClockId};
 
@@ -386,9 +386,11 @@ impl ReaderTotals {
     }
 }
 
-/// Does what hearth's poller (`sensor::kernel::Kernel::run`) does to the maps: reads every entry of
-/// FLOWS once a second and drains EVENTS whenever the ring buffer signals data. (hearth then turns them
-/// into observations for its tracker; that part is not reproduced.) Stops and joins on drop.
+/// Does what hearth's poller (`sensor::kernel::Kernel::run`) does to the maps: once a second drains
+/// EVENTS, reads every entry of FLOWS and deletes the flows whose close event it read; between
+/// readings it drains EVENTS whenever the ring buffer signals data (the programs submit without a
+/// wake-up, so that is rare). (hearth then turns them into observations for its tracker and also
+/// deletes flows idle for 10 minutes; that part is not reproduced.) Stops and joins on drop.
 pub struct Reader {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<Result<(Maps, ReaderTotals)>>>,
@@ -443,17 +445,23 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
     let start = Instant::now();
     let cpu0 = thread_cpu();
     let mut t = ReaderTotals::default();
+    let mut closed = Vec::new();
     // hearth's interval ticks at once, then every `poll_interval` (1 s by default).
     let mut next_read = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now >= next_read {
+            drain(&mut maps.events, &mut t, &mut closed);
             let c0 = thread_cpu();
             let mut n = 0u64;
             // An entry evicted between the key walk and its lookup is skipped, as hearth does.
             for (k, v) in maps.flows.iter().flatten() {
                 std::hint::black_box((k, v));
                 n += 1;
+            }
+            for k in closed.drain(..) {
+                // Already gone (evicted) is fine, as in hearth.
+                let _ = maps.flows.remove(&k);
             }
             t.flow_reads += 1;
             t.flow_entries = n;
@@ -475,13 +483,22 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
             }
         };
         if ready {
-            while let Some(item) = maps.events.next() {
-                std::hint::black_box(&*item);
-                t.events += 1;
-            }
+            drain(&mut maps.events, &mut t, &mut closed);
         }
     }
     t.wall = start.elapsed();
     t.cpu = thread_cpu().saturating_sub(cpu0);
     Ok((maps, t))
+}
+
+/// Takes every record out of EVENTS, keeping the keys of closed connections.
+fn drain(events: &mut RingBuf<MapData>, t: &mut ReaderTotals, closed: &mut Vec<FlowKey>) {
+    while let Some(item) = events.next() {
+        t.events += 1;
+        if let Some(ev) = FlowEvent::from_record(&item) {
+            if ev.kind != EVENT_OPEN {
+                closed.push(ev.key);
+            }
+        }
+    }
 }
