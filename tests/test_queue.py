@@ -117,3 +117,35 @@ def test_concurrent_streams_never_fail_on_reused_connections(hearth):
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         failures = [f for fs in ex.map(worker, range(8)) for f in fs]
     assert not failures, f"{len(failures)} of 320 streamed requests failed: {failures[:3]}"
+
+
+def test_client_keeps_its_connection_across_streamed_requests(hearth):
+    """llama-server closes the connection after every streamed response; hearth opens its own upstream
+    connection per stream, so its client's keep-alive connection stays open: five streamed requests on
+    one socket, each complete (the benchmark's hearth path relies on this)."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    tiny = os.path.join(hearth.env["models_dir"], "gen-tiny.gguf")
+    h = hearth([hearth.smol("s", model_path=hearth.model_link("s", tiny))])
+    h.chat("s")
+    u = urlparse(h.base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = json.dumps({"model": "s", "messages": [{"role": "user", "content": "Hi"}],
+                       "max_tokens": 2, "stream": True})
+    local_ports = set()
+    try:
+        for i in range(5):
+            conn.request("POST", "/v1/chat/completions", body=body,
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = r.read()
+            assert r.status == 200, data[:200]
+            assert b"data: [DONE]" in data, f"request {i}: stream ended without [DONE]: {data[-200:]!r}"
+            assert (r.getheader("connection") or "").lower() != "close", f"request {i}: hearth closed"
+            assert conn.sock is not None, f"request {i}: the connection was closed after the stream"
+            local_ports.add(conn.sock.getsockname()[1])
+    finally:
+        conn.close()
+    assert len(local_ports) == 1, f"the client needed {len(local_ports)} connections"
