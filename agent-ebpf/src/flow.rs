@@ -61,6 +61,41 @@ pub fn ipv4_header_len(b0: u8) -> Option<usize> {
     (ihl >= 20).then_some(ihl)
 }
 
+/// What the first 20 bytes of a packet (an IPv4 header, or the start of an IPv6 one) say.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IpHeader {
+    /// IPv4 carrying TCP: addresses in the 16-byte key form, and where the TCP header starts.
+    V4Tcp {
+        src: [u8; 16],
+        dst: [u8; 16],
+        l4: usize,
+    },
+    /// IPv6 with TCP right after the fixed header: the addresses are at 8..40, TCP at 40.
+    V6Tcp,
+    /// Not TCP, not IP, or IPv6 with extension headers: not counted.
+    Other,
+}
+
+/// The TCP header of an IPv6 packet without extension headers starts here.
+pub const IPV6_L4: usize = 40;
+
+/// Reads the first 20 bytes of an IP packet.
+#[inline(always)]
+pub fn ip_header(h: &[u8; 20]) -> IpHeader {
+    match h[0] >> 4 {
+        4 => match ipv4_header_len(h[0]) {
+            Some(l4) if h[9] == IPPROTO_TCP => IpHeader::V4Tcp {
+                src: v4([h[12], h[13], h[14], h[15]]),
+                dst: v4([h[16], h[17], h[18], h[19]]),
+                l4,
+            },
+            _ => IpHeader::Other,
+        },
+        6 if h[6] == IPPROTO_TCP => IpHeader::V6Tcp,
+        _ => IpHeader::Other,
+    }
+}
+
 /// Whether `port` is one of the first `n` (at most [`MAX_PORTS`]) entries of `ports`. `load(i)` reads
 /// entry `i` (the BPF side reads the global with a volatile load so that it is not constant-folded).
 /// Port 0 never matches.
@@ -159,6 +194,32 @@ mod tests {
         assert_eq!(&out.local_addr[..4], &G);
         assert!(out.local_addr[4..].iter().all(|&b| b == 0));
         assert_eq!(out.family, AF_INET);
+    }
+
+    #[test]
+    fn ip_headers() {
+        let mut v4h = [0u8; 20];
+        v4h[0] = 0x46; // IPv4, 24-byte header (one option word)
+        v4h[9] = IPPROTO_TCP;
+        v4h[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        v4h[16..20].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(
+            ip_header(&v4h),
+            IpHeader::V4Tcp {
+                src: v4([10, 0, 0, 1]),
+                dst: v4([127, 0, 0, 1]),
+                l4: 24
+            }
+        );
+        v4h[9] = 17; // UDP
+        assert_eq!(ip_header(&v4h), IpHeader::Other);
+        let mut v6h = [0u8; 20];
+        v6h[0] = 0x60;
+        v6h[6] = IPPROTO_TCP;
+        assert_eq!(ip_header(&v6h), IpHeader::V6Tcp);
+        v6h[6] = 0; // hop-by-hop options first
+        assert_eq!(ip_header(&v6h), IpHeader::Other);
+        assert_eq!(ip_header(&[0u8; 20]), IpHeader::Other);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use hearth_common::{
     FlowEvent, FlowKey, FlowStats, AF_INET, AF_INET6, EVENTS_BYTES, MAX_FLOWS, MAX_PORTS,
 };
 
-use crate::flow::{self, Direction, SockStateRecord, IPPROTO_TCP};
+use crate::flow::{self, Direction, IpHeader, SockStateRecord, IPPROTO_TCP};
 
 /// Per-flow counters (`names::FLOWS`). LRU: flows nobody reads any more age out.
 #[map]
@@ -55,18 +55,25 @@ pub fn hearth_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// The addresses and ports of a TCP packet: (family, source, destination, source port, destination
-/// port), ports in host byte order.
-type Endpoints = (u16, [u8; 16], [u8; 16], u16, u16);
-
 /// Adds a TCP packet (the skb starts at the IP header in `cgroup_skb`) to its flow in `FLOWS`.
 #[inline(always)]
 fn count(ctx: &SkBuffContext, dir: Direction) -> Option<()> {
-    let (family, src, dst, sport, dport) = match direct(ctx) {
-        Direct::Tcp(e) => e,
-        Direct::NotTcp => return None,
-        Direct::Short => loaded(ctx)?,
+    let pkt = Linear::of(ctx);
+    let (family, src, dst, l4) = match flow::ip_header(&pkt.read(ctx, 0)?) {
+        IpHeader::V4Tcp { src, dst, l4 } => (AF_INET, src, dst, l4),
+        IpHeader::V6Tcp => {
+            let addrs: [u8; 32] = pkt.read(ctx, 8)?;
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&addrs[..16]);
+            dst.copy_from_slice(&addrs[16..]);
+            (AF_INET6, src, dst, flow::IPV6_L4)
+        }
+        IpHeader::Other => return None,
     };
+    let ports: [u8; 4] = pkt.read(ctx, l4)?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let key = flow::packet_key(family, src, dst, sport, dport, dir);
     let len = u64::from(ctx.len());
 
@@ -101,120 +108,42 @@ fn count(ctx: &SkBuffContext, dir: Direction) -> Option<()> {
     Some(())
 }
 
-/// What direct packet access found.
-enum Direct {
-    Tcp(Endpoints),
-    /// Not TCP, or an IPv6 packet with extension headers: not counted.
-    NotTcp,
-    /// The headers are not all in the linear part of the buffer: read them with the helper instead.
-    Short,
+/// The linear part of the packet, which `cgroup_skb` programs may read directly (`data`..`data_end`).
+/// Egress buffers and TCP's received ones have their headers there, so reads rarely need the
+/// `bpf_skb_load_bytes` helper, which costs a call each.
+struct Linear {
+    data: usize,
+    end: usize,
 }
 
-/// Reads the headers straight from the packet (`cgroup_skb` may read `data`..`data_end` directly),
-/// without a helper call. Egress buffers and TCP's received ones have their headers in the linear part,
-/// so [`loaded`] is only the fallback.
-#[inline(always)]
-fn direct(ctx: &SkBuffContext) -> Direct {
-    let skb = ctx.skb.skb;
-    // SAFETY: `skb` is the program's context; reading its `data` and `data_end` fields is what the
-    // verifier turns into packet pointers.
-    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
-    if data + 20 > end {
-        return Direct::Short;
+impl Linear {
+    #[inline(always)]
+    fn of(ctx: &SkBuffContext) -> Linear {
+        let skb = ctx.skb.skb;
+        // SAFETY: `skb` is the program's context; reading its `data` and `data_end` fields is what
+        // the verifier turns into packet pointers.
+        let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+        Linear { data, end }
     }
-    // SAFETY (every packet read below): the bytes read lie in data..end, checked just before, as the
-    // verifier also proves.
-    let at = |i: usize| unsafe { *((data + i) as *const u8) };
-    let b0 = at(0);
-    match b0 >> 4 {
-        4 => {
-            let Some(ihl) = flow::ipv4_header_len(b0) else {
-                return Direct::NotTcp;
-            };
-            if at(9) != IPPROTO_TCP {
-                return Direct::NotTcp;
-            }
-            let l4 = data + ihl;
-            if l4 + 4 > end {
-                return Direct::Short;
-            }
-            let src = [at(12), at(13), at(14), at(15)];
-            let dst = [at(16), at(17), at(18), at(19)];
-            // SAFETY: l4..l4 + 4 lies in data..end, checked above.
-            let port = |i: usize| unsafe { *((l4 + i) as *const u8) };
-            Direct::Tcp((
-                AF_INET,
-                flow::v4(src),
-                flow::v4(dst),
-                u16::from_be_bytes([port(0), port(1)]),
-                u16::from_be_bytes([port(2), port(3)]),
-            ))
-        }
-        6 => {
-            if data + 44 > end {
-                return Direct::Short;
-            }
-            // TCP right after the fixed header; packets with extension headers are not counted.
-            if at(6) != IPPROTO_TCP {
-                return Direct::NotTcp;
-            }
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            let mut i = 0;
-            while i < 16 {
-                src[i] = at(8 + i);
-                dst[i] = at(24 + i);
-                i += 1;
-            }
-            Direct::Tcp((
-                AF_INET6,
-                src,
-                dst,
-                u16::from_be_bytes([at(40), at(41)]),
-                u16::from_be_bytes([at(42), at(43)]),
-            ))
-        }
-        _ => Direct::NotTcp,
-    }
-}
 
-/// The same as [`direct`] through `bpf_skb_load_bytes`, for buffers whose headers are not linear.
-#[inline(always)]
-fn loaded(ctx: &SkBuffContext) -> Option<Endpoints> {
-    // The first 20 bytes hold the whole fixed IPv4 header, or the start of an IPv6 one.
-    let h: [u8; 20] = ctx.load(0).ok()?;
-    let b0 = h[0];
-    let (family, src, dst, l4) = match b0 >> 4 {
-        4 => {
-            let ihl = flow::ipv4_header_len(b0)?;
-            if h[9] != IPPROTO_TCP {
-                return None;
-            }
-            let src = [h[12], h[13], h[14], h[15]];
-            let dst = [h[16], h[17], h[18], h[19]];
-            (AF_INET, flow::v4(src), flow::v4(dst), ihl)
+    /// `N` bytes at `offset` of the packet: straight from the linear part when they lie in it, else
+    /// through the helper (None if the packet is shorter).
+    #[inline(always)]
+    fn read<const N: usize>(&self, ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
+        let start = self.data + offset;
+        if start + N > self.end {
+            return ctx.load(offset).ok();
         }
-        6 => {
-            if h[6] != IPPROTO_TCP {
-                return None;
-            }
-            let addrs: [u8; 32] = ctx.load(8).ok()?;
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&addrs[..16]);
-            dst.copy_from_slice(&addrs[16..]);
-            (AF_INET6, src, dst, 40)
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < N {
+            // SAFETY: start + i < start + N <= end: inside the linear part, checked just above (the
+            // verifier proves the same bound before it accepts the load).
+            out[i] = unsafe { *((start + i) as *const u8) };
+            i += 1;
         }
-        _ => return None,
-    };
-    let ports: [u8; 4] = ctx.load(l4).ok()?;
-    Some((
-        family,
-        src,
-        dst,
-        u16::from_be_bytes([ports[0], ports[1]]),
-        u16::from_be_bytes([ports[2], ports[3]]),
-    ))
+        Some(out)
+    }
 }
 
 /// Atomic adds on an entry other CPUs may update at the same time: `lock *(u64 *)(r + off) += r'`
