@@ -770,7 +770,7 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
                 } else {
                     &hearth_uri
                 };
-                let close = path.closes_streams(&args);
+                let close = path.closes_streams(args);
                 let w = run_phase(uri, &body, stream, close, c, warmup, req_timeout).await;
                 if w.errors.count > 0 {
                     notes.push(format!(
@@ -812,7 +812,7 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
                     };
                     let before = cpu_now();
                     let busy0 = CpuSnapshot::take();
-                    let close = path.closes_streams(&args);
+                    let close = path.closes_streams(args);
                     let r = run_phase(uri, &body, stream, close, c, phase, req_timeout).await;
                     let busy1 = CpuSnapshot::take();
                     let after = cpu_now();
