@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -114,7 +115,7 @@ pub struct AppState {
     queue_wait: Vec<prometheus::Histogram>,
     created: u64,
     /// Requests forwarded so far (any outcome): what the idle-memory housekeeping watches.
-    forwarded: std::sync::atomic::AtomicU64,
+    forwarded: AtomicU64,
 }
 
 impl AppState {
@@ -154,13 +155,13 @@ impl AppState {
             names,
             queue_wait,
             created,
-            forwarded: std::sync::atomic::AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
         })
     }
 
     /// How many requests have been forwarded (or refused after their model was resolved) so far.
     pub fn forwarded(&self) -> u64 {
-        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+        self.forwarded.load(Ordering::Relaxed)
     }
 
     /// The index of the model named `name` (its id or an alias).
@@ -431,8 +432,7 @@ async fn forward(State(st): State<Arc<AppState>>, req: Request) -> Response {
     } else {
         bytes
     };
-    st.forwarded
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.forwarded.fetch_add(1, Ordering::Relaxed);
     let resp = async {
         let t0 = Instant::now();
         let grant = match st.supervisor.acquire(idx).await {
@@ -555,7 +555,7 @@ async fn send_upstream(
             .request(up)
             .await
             .map(|r| (r, None))
-            .map_err(|e| e.to_string())
+            .map_err(UpstreamError::from)
     };
     let (resp, conn) = match sent {
         Ok(r) => r,
@@ -602,6 +602,20 @@ const DEATH_REASON_WAIT: Duration = Duration::from_secs(1);
 
 type DyingFuture = Pin<Box<dyn Future<Output = String> + Send>>;
 
+/// Why a runtime gave no answer.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Pooled(#[from] hyper_util::client::legacy::Error),
+}
+
 /// A streamed request's own upstream connection, driven by the response body that reads from it.
 type OwnConn = Pin<Box<hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>;
 
@@ -614,26 +628,22 @@ type OwnConn = Pin<Box<hyper::client::conn::http1::Connection<TokioIo<TcpStream>
 async fn own_connection(
     addr: std::net::SocketAddr,
     req: http::Request<Full<Bytes>>,
-) -> Result<(http::Response<hyper::body::Incoming>, Option<OwnConn>), String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    tcp.set_nodelay(true)
-        .map_err(|e| format!("setting TCP_NODELAY on the connection to {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(http::Response<hyper::body::Incoming>, Option<OwnConn>), UpstreamError> {
+    let connect = |source| UpstreamError::Connect { addr, source };
+    let tcp = TcpStream::connect(addr).await.map_err(connect)?;
+    tcp.set_nodelay(true).map_err(connect)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     let mut conn: Option<OwnConn> = Some(Box::pin(conn));
     let mut resp = std::pin::pin!(sender.send_request(req));
     std::future::poll_fn(|cx| {
         if let Some(c) = conn.as_mut() {
             match c.as_mut().poll(cx) {
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Ready(Ok(())) => conn = None,
                 Poll::Pending => {}
             }
         }
-        resp.as_mut().poll(cx).map_err(|e| e.to_string())
+        resp.as_mut().poll(cx).map_err(UpstreamError::from)
     })
     .await
     .map(|r| (r, conn))
