@@ -79,12 +79,8 @@ pub struct BenchArgs {
     /// Measure llama-server alone (harness self-test; never writes the results file)
     #[arg(long)]
     pub direct_only: bool,
-    /// Print the results but do not rewrite the results file
-    #[arg(long)]
-    pub no_write: bool,
-    /// Results file [default: docs/benchmarks.md]
-    #[arg(long)]
-    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub results: ResultsFile,
     /// Run the load generator as it was built (by default a debug build re-runs itself with --release)
     #[arg(long)]
     pub no_reexec: bool,
@@ -97,6 +93,26 @@ pub struct BenchArgs {
     /// and so also used by the direct server), e.g. --runtime-arg=--log-disable
     #[arg(long = "runtime-arg", allow_hyphen_values = true)]
     pub runtime_args: Vec<String>,
+}
+
+/// Where a benchmark writes its results (every benchmark has these flags).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ResultsFile {
+    /// Print the results but do not rewrite the results file
+    #[arg(long)]
+    pub no_write: bool,
+    /// Results file [default: docs/benchmarks.md]
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+impl ResultsFile {
+    /// `--output`, else docs/benchmarks.md under the repository root.
+    pub fn path(&self, root: &Path) -> PathBuf {
+        self.output
+            .clone()
+            .unwrap_or_else(|| root.join("docs/benchmarks.md"))
+    }
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -160,10 +176,7 @@ impl Paths {
             .hearth_bin
             .clone()
             .unwrap_or_else(|| root.join("target/release/hearth"));
-        let output = args
-            .output
-            .clone()
-            .unwrap_or_else(|| root.join("docs/benchmarks.md"));
+        let output = args.results.path(&root);
         Ok(Paths {
             work: root.join("target/hearth-bench"),
             root,
@@ -363,7 +376,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     })?;
 
     println!("{}", report::text(&results));
-    if args.direct_only || args.no_write {
+    if args.direct_only || args.results.no_write {
         eprintln!("bench: results file not written (--direct-only / --no-write)");
     } else {
         report::write_doc(&paths.output, &report::markdown(&results))?;

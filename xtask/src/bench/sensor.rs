@@ -85,12 +85,8 @@ pub struct SensorArgs {
     /// Do not run `cargo xtask build-ebpf` first
     #[arg(long)]
     pub no_build: bool,
-    /// Print the results but do not rewrite the results file
-    #[arg(long)]
-    pub no_write: bool,
-    /// Results file [default: docs/benchmarks.md]
-    #[arg(long)]
-    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub results: super::ResultsFile,
     /// Run the load generator as it was built (by default a debug build re-runs itself with --release)
     #[arg(long)]
     pub no_reexec: bool,
@@ -302,13 +298,10 @@ pub fn run(args: &SensorArgs) -> Result<()> {
     let results = measure(args, &root, &mount, &object_path, &object, &work)?;
     let md = report::markdown(&results);
     println!("{md}");
-    if args.no_write {
+    if args.results.no_write {
         eprintln!("bench sensor: results file not written (--no-write)");
     } else {
-        let output = args
-            .output
-            .clone()
-            .unwrap_or_else(|| root.join("docs/benchmarks.md"));
+        let output = args.results.path(&root);
         super::report::write_section(&output, BEGIN, END, &md)?;
         eprintln!("bench sensor: wrote {}", output.display());
     }

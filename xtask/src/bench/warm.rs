@@ -56,12 +56,8 @@ pub struct WarmArgs {
     /// llama-server binary [default: <dev dir>/bin/llama-server]
     #[arg(long)]
     pub llama_server: Option<PathBuf>,
-    /// Print the results but do not rewrite the results file
-    #[arg(long)]
-    pub no_write: bool,
-    /// Results file [default: docs/benchmarks.md]
-    #[arg(long)]
-    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub results: super::ResultsFile,
 }
 
 /// One start of the model through hearth.
@@ -153,10 +149,7 @@ pub fn run(args: &WarmArgs) -> Result<()> {
         std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| root.join("docs/benchmarks.md"));
+    let output = args.results.path(&root);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -170,7 +163,7 @@ pub fn run(args: &WarmArgs) -> Result<()> {
     })?;
     let text = markdown(&results);
     println!("{text}");
-    if args.no_write {
+    if args.results.no_write {
         eprintln!("bench: results file not written (--no-write)");
     } else {
         super::report::write_section(&output, BEGIN, END, &text)?;
