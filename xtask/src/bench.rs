@@ -569,55 +569,99 @@ async fn wait_http_ok(
     }
 }
 
+/// The hearth under test, seen through its status and admin API. Every runtime pid it reports is
+/// watched, so that no runtime outlives the bench.
 struct Hearth<'a> {
     client: HttpClient,
     base: String,
+    /// The model the bench configured.
+    model: &'static str,
     proc_: &'a mut Proc,
+    reaper: &'a mut Reaper,
 }
 
 impl Hearth<'_> {
-    async fn model(&self) -> Result<serde_json::Value> {
+    /// The model's entry in `/hearth/v1/status`; an error (with hearth's last output) if it exited.
+    async fn model(&mut self) -> Result<serde_json::Value> {
+        if let Some(st) = self.proc_.exited() {
+            bail!(
+                "hearth exited ({st}); last output:\n{}",
+                self.proc_.log_tail(30)
+            );
+        }
+        let id = self.model;
         let st = get_json(&self.client, &format!("{}/hearth/v1/status", self.base)).await?;
-        st.get("models")
+        let m = st
+            .get("models")
             .and_then(|m| m.as_array())
             .and_then(|m| {
                 m.iter()
-                    .find(|e| e.get("id").and_then(|i| i.as_str()) == Some(MODEL_ID))
+                    .find(|e| e.get("id").and_then(|i| i.as_str()) == Some(id))
             })
             .cloned()
-            .with_context(|| format!("/hearth/v1/status has no model {MODEL_ID}: {st}"))
+            .with_context(|| format!("/hearth/v1/status has no model {id}: {st}"))?;
+        if let Some(pid) = pid_of(&m) {
+            self.reaper.watch(pid);
+        }
+        Ok(m)
     }
 
-    async fn post_action(&self, action: &str) -> Result<()> {
-        let url = format!("{}/hearth/v1/models/{MODEL_ID}/{action}", self.base);
-        client::call_json(&self.client, Method::POST, &url, Duration::from_secs(10)).await?;
-        Ok(())
+    /// `POST /hearth/v1/models/{model}/{action}`.
+    async fn post(&self, action: &str, limit: Duration) -> Result<serde_json::Value> {
+        let url = format!("{}/hearth/v1/models/{}/{action}", self.base, self.model);
+        client::call_json(&self.client, Method::POST, &url, limit).await
     }
 
     /// Polls the status every 10 ms until the model's state is `want`.
     async fn wait_state(&mut self, want: &str, limit: Duration) -> Result<serde_json::Value> {
         let start = Instant::now();
         loop {
-            if let Some(st) = self.proc_.exited() {
-                bail!(
-                    "hearth exited ({st}); last output:\n{}",
-                    self.proc_.log_tail(30)
-                );
-            }
             let m = self.model().await?;
             let state = m.get("state").and_then(|s| s.as_str()).unwrap_or("?");
             if state == want {
                 return Ok(m);
             }
             if state == "failed" {
-                bail!("model {MODEL_ID} failed while waiting for {want:?}: {m}");
+                bail!(
+                    "model {} failed while waiting for {want:?}: {m}",
+                    self.model
+                );
             }
             if start.elapsed() > limit {
-                bail!("model {MODEL_ID} not {want:?} after {limit:?}; status entry: {m}");
+                bail!(
+                    "model {} not {want:?} after {limit:?}; status entry: {m}",
+                    self.model
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Stops hearth with SIGTERM (20 s grace), notes an unclean exit and runtimes that outlived it, and
+/// says how it exited.
+fn stop_hearth(hp: &mut Proc, reaper: &Reaper, notes: &mut Vec<String>) -> Result<String> {
+    let stopped = hp.stop(Duration::from_secs(20))?;
+    let exit = format!(
+        "{} after {:.0} ms{}",
+        stopped.status,
+        stopped.took.as_secs_f64() * 1e3,
+        if stopped.killed {
+            " (needed SIGKILL)"
+        } else {
+            ""
+        }
+    );
+    if !stopped.status.success() || stopped.killed {
+        notes.push(format!("hearth did not exit cleanly on SIGTERM: {exit}"));
+    }
+    let left = reaper.survivors();
+    if !left.is_empty() {
+        notes.push(format!(
+            "runtime processes still running after hearth exited: {left:?} (killed by the bench)"
+        ));
+    }
+    Ok(exit)
 }
 
 fn pid_of(entry: &serde_json::Value) -> Option<u32> {
@@ -687,13 +731,15 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
         let mut h = Hearth {
             client,
             base: hearth_base.clone(),
+            model: MODEL_ID,
             proc_: &mut hp,
+            reaper: &mut reaper,
         };
         hearth_version = get_json(&h.client, &format!("{hearth_base}/hearth/v1/status"))
             .await
             .ok()
             .and_then(|s| s.get("version").and_then(|v| v.as_str()).map(String::from));
-        if let Err(e) = h.post_action("load").await {
+        if let Err(e) = h.post("load", Duration::from_secs(10)).await {
             notes.push(format!(
                 "POST /hearth/v1/models/{MODEL_ID}/load did not work ({e:#}); loaded the model with a request instead"
             ));
@@ -718,7 +764,6 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
         let entry = h.wait_state("ready", Duration::from_secs(60)).await?;
         match pid_of(&entry) {
             Some(pid) => {
-                reaper.watch(pid);
                 runtime_pid = Some(pid);
                 match procs::cmdline(pid) {
                     Ok(argv) if argv.first().is_some_and(|a| a.contains("llama-server")) => {
@@ -928,13 +973,15 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
             let mut h = Hearth {
                 client: new_client(4),
                 base: hearth_base.clone(),
+                model: MODEL_ID,
                 proc_: hp,
+                reaper: &mut reaper,
             };
             for i in 0..args.cold_runs {
                 let hearth_first = i % 2 == 1;
                 for step in 0..2 {
                     if (step == 0) == hearth_first {
-                        match cold_hearth_run(args, &mut h, &mut reaper).await {
+                        match cold_hearth_run(args, &mut h).await {
                             Ok(c) => cold_hearth.push(c),
                             Err(e) => {
                                 notes.push(format!("cold start through hearth, run {i}: {e:#}"))
@@ -960,8 +1007,8 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
             // to the OS after a second without requests (checked every second).
             tokio::time::sleep(IDLE_SETTLE).await;
             rss_after = procs::rss_kib(h.proc_.pid()).ok();
-            match h.post_action("unload").await {
-                Ok(()) => match h.wait_state("cold", Duration::from_secs(30)).await {
+            match h.post("unload", Duration::from_secs(10)).await {
+                Ok(_) => match h.wait_state("cold", Duration::from_secs(30)).await {
                     Ok(_) => {
                         tokio::time::sleep(IDLE_SETTLE).await;
                         rss_after_unload = procs::rss_kib(h.proc_.pid()).ok();
@@ -971,9 +1018,6 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
                 Err(e) => notes.push(format!("final unload: {e:#}")),
             }
             if let Ok(m) = h.model().await {
-                if let Some(pid) = pid_of(&m) {
-                    reaper.watch(pid);
-                }
                 let failures = m
                     .get("failures_total")
                     .and_then(|v| v.as_i64())
@@ -985,29 +1029,7 @@ async fn bench(args: &BenchArgs, p: &Paths) -> Result<Results> {
             drop(h);
 
             // Shutdown: SIGTERM must stop every runtime and exit 0.
-            let stopped = hp.stop(Duration::from_secs(20))?;
-            hearth_exit = Some(format!(
-                "{} after {:.0} ms{}",
-                stopped.status,
-                stopped.took.as_secs_f64() * 1e3,
-                if stopped.killed {
-                    " (needed SIGKILL)"
-                } else {
-                    ""
-                }
-            ));
-            if !stopped.status.success() || stopped.killed {
-                notes.push(format!(
-                    "hearth did not exit cleanly on SIGTERM: {}",
-                    hearth_exit.clone().unwrap_or_default()
-                ));
-            }
-            let left = reaper.survivors();
-            if !left.is_empty() {
-                notes.push(format!(
-                    "runtime processes still running after hearth exited: {left:?} (killed by the bench)"
-                ));
-            }
+            hearth_exit = Some(stop_hearth(hp, &reaper, &mut notes)?);
         }
     }
 
@@ -1078,17 +1100,10 @@ async fn cold_direct_run(
 }
 
 /// Unloads the model, waits until hearth says it is cold, then times one streaming request through hearth.
-async fn cold_hearth_run(
-    args: &BenchArgs,
-    h: &mut Hearth<'_>,
-    reaper: &mut Reaper,
-) -> Result<ColdHearth> {
-    h.post_action("unload").await?;
+async fn cold_hearth_run(args: &BenchArgs, h: &mut Hearth<'_>) -> Result<ColdHearth> {
+    h.post("unload", Duration::from_secs(10)).await?;
+    // (A cold model should have no process; `model` watches any pid it reports anyway.)
     let before = h.wait_state("cold", Duration::from_secs(30)).await?;
-    if let Some(pid) = pid_of(&before) {
-        // A cold model should have no process; keep an eye on it anyway.
-        reaper.watch(pid);
-    }
     let starts_before = before.get("starts_total").and_then(|v| v.as_i64());
     let uri: Uri = format!("{}/v1/chat/completions", h.base).parse()?;
     let body = chat_body(MODEL_ID, args.max_tokens, true);
@@ -1097,9 +1112,6 @@ async fn cold_hearth_run(
         .await
         .map_err(|e| anyhow!("request to the cold model: {e}"))?;
     let after = h.model().await?;
-    if let Some(pid) = pid_of(&after) {
-        reaper.watch(pid);
-    }
     let starts_after = after.get("starts_total").and_then(|v| v.as_i64());
     Ok(ColdHearth {
         ttft: s.ttft.unwrap_or(s.total),

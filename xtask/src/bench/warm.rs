@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hyper::{Method, Uri};
 
-use super::client::{call, call_json, chat_body, get_json, new_client, timed_chat, HttpClient};
+use super::client::{call, call_json, chat_body, new_client, timed_chat};
 use super::procs::{self, Proc, Reaper};
 use super::stats::{self, median, CpuSnapshot, Machine};
+use super::Hearth;
 
 pub const BEGIN: &str = "<!-- bench-warm-tiers:begin -->";
 pub const END: &str = "<!-- bench-warm-tiers:end -->";
@@ -218,38 +219,8 @@ stop_timeout = "10s"
     )
 }
 
-struct Hearth<'a> {
-    client: HttpClient,
-    base: String,
-    proc_: &'a mut Proc,
-    reaper: &'a mut Reaper,
-}
-
+/// What warm-tiers adds to the bench's [`Hearth`].
 impl Hearth<'_> {
-    async fn model(&mut self) -> Result<serde_json::Value> {
-        if let Some(st) = self.proc_.exited() {
-            bail!(
-                "hearth exited ({st}); last output:\n{}",
-                self.proc_.log_tail(30)
-            );
-        }
-        let st = get_json(&self.client, &format!("{}/hearth/v1/status", self.base)).await?;
-        let m = st["models"]
-            .as_array()
-            .and_then(|m| m.iter().find(|e| e["id"] == MODEL_ID))
-            .cloned()
-            .with_context(|| format!("/hearth/v1/status has no model {MODEL_ID}: {st}"))?;
-        if let Some(pid) = m["pid"].as_u64().and_then(|p| u32::try_from(p).ok()) {
-            self.reaper.watch(pid);
-        }
-        Ok(m)
-    }
-
-    async fn post(&self, action: &str, limit: Duration) -> Result<serde_json::Value> {
-        let url = format!("{}/hearth/v1/models/{MODEL_ID}/{action}", self.base);
-        call_json(&self.client, Method::POST, &url, limit).await
-    }
-
     async fn resident(&self) -> Result<f64> {
         let url = format!("{}/hearth/v1/models/{MODEL_ID}/page-cache", self.base);
         let v = call_json(&self.client, Method::GET, &url, Duration::from_secs(60)).await?;
@@ -261,19 +232,8 @@ impl Hearth<'_> {
     /// Unloads the model and waits until it is cold (no process maps the file any more).
     async fn unload(&mut self) -> Result<()> {
         self.post("unload", Duration::from_secs(10)).await?;
-        let start = Instant::now();
-        loop {
-            let m = self.model().await?;
-            match m["state"].as_str() {
-                Some("cold") => return Ok(()),
-                Some("failed") => bail!("model {MODEL_ID} failed: {m}"),
-                _ => {}
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("model {MODEL_ID} not cold 60 s after unload: {m}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_state("cold", Duration::from_secs(60)).await?;
+        Ok(())
     }
 
     /// One request to the cold model: the start it causes, as hearth measured it.
@@ -375,6 +335,7 @@ async fn bench(
     let mut h = Hearth {
         client: new_client(2),
         base: base.clone(),
+        model: MODEL_ID,
         proc_: &mut hp,
         reaper: &mut reaper,
     };
@@ -503,21 +464,9 @@ async fn bench(
         notes.push(format!("final unload: {e:#}"));
     }
     drop(h);
-    let stopped = hp.stop(Duration::from_secs(20))?;
-    if !stopped.status.success() || stopped.killed {
-        notes.push(format!(
-            "hearth did not exit cleanly on SIGTERM: {}",
-            stopped.status
-        ));
-    }
-    let left = reaper.survivors();
-    if !left.is_empty() {
-        notes.push(format!(
-            "runtime processes still running after hearth exited: {left:?} (killed by the bench)"
-        ));
-    }
+    super::stop_hearth(&mut hp, &reaper, &mut notes)?;
     Ok(Results {
-        command: invocation(),
+        command: super::invocation(),
         machine,
         model: model.to_path_buf(),
         model_bytes,
@@ -538,11 +487,6 @@ async fn bench(
         notes,
         wall: wall.elapsed(),
     })
-}
-
-fn invocation() -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    format!("cargo xtask {}", args.join(" "))
 }
 
 fn meminfo(key: &str) -> String {
