@@ -14,34 +14,10 @@ pub const TCP_LISTEN: i32 = 10;
 /// Which way a packet goes, from the gateway's side (the cgroup the programs are attached to).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Direction {
-    /// Received by the gateway (`cgroup_skb/ingress`): the packet's destination is the gateway.
+    /// Received by the gateway (`cgroup_skb/ingress`).
     In,
-    /// Sent by the gateway (`cgroup_skb/egress`): the packet's source is the gateway.
+    /// Sent by the gateway (`cgroup_skb/egress`).
     Out,
-}
-
-/// The key of a packet with source `src:sport` and destination `dst:dport` (ports in host byte order,
-/// addresses as in the packet; IPv4 ones in the first 4 bytes), from the gateway's side.
-pub fn packet_key(
-    family: u16,
-    src: [u8; 16],
-    dst: [u8; 16],
-    sport: u16,
-    dport: u16,
-    dir: Direction,
-) -> FlowKey {
-    let (local_addr, local_port, remote_addr, remote_port) = match dir {
-        Direction::Out => (src, sport, dst, dport),
-        Direction::In => (dst, dport, src, sport),
-    };
-    FlowKey {
-        local_addr,
-        remote_addr,
-        local_port,
-        remote_port,
-        family,
-        _pad: 0,
-    }
 }
 
 /// An IPv4 address in the 16-byte form of [`FlowKey`] (first 4 bytes, the rest zero). Built from an
@@ -52,48 +28,44 @@ pub fn v4(a: [u8; 4]) -> [u8; 16] {
     u128::from(u32::from_le_bytes(a)).to_le_bytes()
 }
 
-/// Header length in bytes of an IPv4 header whose first byte is `b0` (version 4, IHL >= 5).
-pub fn ipv4_header_len(b0: u8) -> Option<usize> {
-    if b0 >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(b0 & 0x0f) * 4;
-    (ihl >= 20).then_some(ihl)
+/// A socket's addresses as the kernel keeps them (`struct bpf_sock` for the `cgroup_skb` programs,
+/// the `sock/inet_sock_set_state` record for the tracepoint): `local` is the socket's own end.
+/// Addresses in network byte order, ports in host byte order.
+#[derive(Clone, Copy, Debug)]
+pub struct SockAddrs {
+    pub family: u16,
+    pub local4: [u8; 4],
+    pub remote4: [u8; 4],
+    pub local6: [u8; 16],
+    pub remote6: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
 }
 
-/// What the first 20 bytes of a packet (an IPv4 header, or the start of an IPv6 one) say.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum IpHeader {
-    /// IPv4 carrying TCP: addresses in the 16-byte key form, and where the TCP header starts.
-    V4Tcp {
-        src: [u8; 16],
-        dst: [u8; 16],
-        l4: usize,
-    },
-    /// IPv6 with TCP right after the fixed header: the addresses are at 8..40, TCP at 40.
-    V6Tcp,
-    /// Not TCP, not IP, or IPv6 with extension headers: not counted.
-    Other,
-}
-
-/// The TCP header of an IPv6 packet without extension headers starts here.
-pub const IPV6_L4: usize = 40;
-
-/// Reads the first 20 bytes of an IP packet.
+/// The key of a socket: local = the socket's own address and port. An AF_INET6 socket whose peer is
+/// an IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack listener accepting IPv4) sends and
+/// receives IPv4 packets, so its key is the AF_INET one: a gateway listening on `::` gets the same
+/// keys for its IPv4 peers whichever way the socket is seen. None for other families.
 #[inline(always)]
-pub fn ip_header(h: &[u8; 20]) -> IpHeader {
-    match h[0] >> 4 {
-        4 => match ipv4_header_len(h[0]) {
-            Some(l4) if h[9] == IPPROTO_TCP => IpHeader::V4Tcp {
-                src: v4([h[12], h[13], h[14], h[15]]),
-                dst: v4([h[16], h[17], h[18], h[19]]),
-                l4,
-            },
-            _ => IpHeader::Other,
-        },
-        6 if h[6] == IPPROTO_TCP => IpHeader::V6Tcp,
-        _ => IpHeader::Other,
-    }
+pub fn sock_key(a: &SockAddrs) -> Option<FlowKey> {
+    let (family, local_addr, remote_addr) = match a.family {
+        AF_INET => (AF_INET, v4(a.local4), v4(a.remote4)),
+        AF_INET6 if is_v4_mapped(&a.remote6) => (
+            AF_INET,
+            v4([a.local6[12], a.local6[13], a.local6[14], a.local6[15]]),
+            v4([a.remote6[12], a.remote6[13], a.remote6[14], a.remote6[15]]),
+        ),
+        AF_INET6 => (AF_INET6, a.local6, a.remote6),
+        _ => return None,
+    };
+    Some(FlowKey {
+        local_addr,
+        remote_addr,
+        local_port: a.local_port,
+        remote_port: a.remote_port,
+        family,
+        _pad: 0,
+    })
 }
 
 /// Whether `port` is one of the first `n` (at most [`MAX_PORTS`]) entries of `ports`. `load(i)` reads
@@ -152,27 +124,22 @@ pub fn event_kind(oldstate: i32, newstate: i32) -> Option<u32> {
     }
 }
 
-/// The key of the socket of `r`: local = the socket's own address and port. An AF_INET6 socket whose
-/// peer is an IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack listener accepting IPv4) sends and
-/// receives IPv4 packets, so its key is the AF_INET one, the same as the `cgroup_skb` programs build.
+/// The key of the socket of a tracepoint record: the same as the `cgroup_skb` programs give the
+/// socket ([`sock_key`]).
 pub fn socket_key(r: &SockStateRecord) -> Option<FlowKey> {
-    let (family, local_addr, remote_addr) = match r.family {
-        AF_INET => (AF_INET, v4(r.saddr), v4(r.daddr)),
-        AF_INET6 if is_v4_mapped(&r.daddr_v6) => (AF_INET, v4(r.saddr), v4(r.daddr)),
-        AF_INET6 => (AF_INET6, r.saddr_v6, r.daddr_v6),
-        _ => return None,
-    };
-    Some(FlowKey {
-        local_addr,
-        remote_addr,
+    sock_key(&SockAddrs {
+        family: r.family,
+        local4: r.saddr,
+        remote4: r.daddr,
+        local6: r.saddr_v6,
+        remote6: r.daddr_v6,
         local_port: r.sport,
         remote_port: r.dport,
-        family,
-        _pad: 0,
     })
 }
 
 /// `::ffff:0:0/96`.
+#[inline(always)]
 pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
     a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff
 }
@@ -183,52 +150,6 @@ mod tests {
 
     const C: [u8; 4] = [10, 0, 0, 2];
     const G: [u8; 4] = [10, 0, 0, 1];
-
-    #[test]
-    fn both_directions_of_a_flow_give_the_same_key() {
-        let out = packet_key(AF_INET, v4(G), v4(C), 8080, 51000, Direction::Out);
-        let inn = packet_key(AF_INET, v4(C), v4(G), 51000, 8080, Direction::In);
-        assert_eq!(out, inn);
-        assert_eq!(out.local_port, 8080);
-        assert_eq!(out.remote_port, 51000);
-        assert_eq!(&out.local_addr[..4], &G);
-        assert!(out.local_addr[4..].iter().all(|&b| b == 0));
-        assert_eq!(out.family, AF_INET);
-    }
-
-    #[test]
-    fn ip_headers() {
-        let mut v4h = [0u8; 20];
-        v4h[0] = 0x46; // IPv4, 24-byte header (one option word)
-        v4h[9] = IPPROTO_TCP;
-        v4h[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        v4h[16..20].copy_from_slice(&[127, 0, 0, 1]);
-        assert_eq!(
-            ip_header(&v4h),
-            IpHeader::V4Tcp {
-                src: v4([10, 0, 0, 1]),
-                dst: v4([127, 0, 0, 1]),
-                l4: 24
-            }
-        );
-        v4h[9] = 17; // UDP
-        assert_eq!(ip_header(&v4h), IpHeader::Other);
-        let mut v6h = [0u8; 20];
-        v6h[0] = 0x60;
-        v6h[6] = IPPROTO_TCP;
-        assert_eq!(ip_header(&v6h), IpHeader::V6Tcp);
-        v6h[6] = 0; // hop-by-hop options first
-        assert_eq!(ip_header(&v6h), IpHeader::Other);
-        assert_eq!(ip_header(&[0u8; 20]), IpHeader::Other);
-    }
-
-    #[test]
-    fn ipv4_header_length() {
-        assert_eq!(ipv4_header_len(0x45), Some(20));
-        assert_eq!(ipv4_header_len(0x4f), Some(60));
-        assert_eq!(ipv4_header_len(0x44), None);
-        assert_eq!(ipv4_header_len(0x65), None);
-    }
 
     #[test]
     fn gateway_ports_respect_the_count() {
@@ -268,24 +189,69 @@ mod tests {
         }
     }
 
-    #[test]
-    fn socket_keys_match_packet_keys() {
-        let pk = packet_key(AF_INET, v4(C), v4(G), 51000, 8080, Direction::In);
-        assert_eq!(socket_key(&record(AF_INET)), Some(pk));
+    fn v4_key(local: [u8; 4], remote: [u8; 4]) -> FlowKey {
+        FlowKey {
+            local_addr: v4(local),
+            remote_addr: v4(remote),
+            local_port: 8080,
+            remote_port: 51000,
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
 
-        // A dual-stack listener accepting IPv4: the socket is AF_INET6, the packets are IPv4.
+    #[test]
+    fn ipv4_addresses_take_the_first_four_bytes() {
+        assert_eq!(
+            v4([10, 0, 0, 1]),
+            [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn socket_keys() {
+        assert_eq!(socket_key(&record(AF_INET)), Some(v4_key(G, C)));
+
+        // A dual-stack listener accepting IPv4: the socket is AF_INET6, its packets IPv4.
         let mut r = record(AF_INET6);
         r.saddr_v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1];
         r.daddr_v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2];
-        assert_eq!(socket_key(&r), Some(pk));
+        assert_eq!(socket_key(&r), Some(v4_key(G, C)));
 
         let mut r = record(AF_INET6);
         r.saddr_v6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         r.daddr_v6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
         let k = socket_key(&r).expect("v6");
-        let pk6 = packet_key(AF_INET6, r.daddr_v6, r.saddr_v6, 51000, 8080, Direction::In);
-        assert_eq!(k, pk6);
+        assert_eq!(
+            (
+                k.family,
+                k.local_addr,
+                k.remote_addr,
+                k.local_port,
+                k.remote_port
+            ),
+            (AF_INET6, r.saddr_v6, r.daddr_v6, 8080, 51000)
+        );
         assert_eq!(socket_key(&record(1)), None);
+    }
+
+    #[test]
+    fn the_programs_and_the_tracepoint_key_a_socket_alike() {
+        // What `hearth_ingress`/`hearth_egress` read from `struct bpf_sock` of the same socket.
+        let mut r = record(AF_INET6);
+        r.saddr_v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1];
+        r.daddr_v6 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2];
+        let from_sock = sock_key(&SockAddrs {
+            family: AF_INET6,
+            local4: G,
+            remote4: C,
+            local6: r.saddr_v6,
+            remote6: r.daddr_v6,
+            local_port: 8080,
+            remote_port: 51000,
+        });
+        assert_eq!(from_sock, socket_key(&r));
+        assert_eq!(from_sock, Some(v4_key(G, C)));
     }
 
     #[test]

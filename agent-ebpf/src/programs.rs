@@ -5,22 +5,31 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::ptr::read_volatile;
 
-use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::bindings::{bpf_sock, BPF_NOEXIST, BPF_RB_NO_WAKEUP};
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock};
 use aya_ebpf::macros::{cgroup_skb, map, tracepoint};
-use aya_ebpf::maps::{LruHashMap, RingBuf};
+use aya_ebpf::maps::{LruHashMap, LruPerCpuHashMap, RingBuf};
 use aya_ebpf::programs::{SkBuffContext, TracePointContext};
 use aya_ebpf::EbpfContext;
-use hearth_common::{
-    FlowEvent, FlowKey, FlowStats, AF_INET, AF_INET6, EVENTS_BYTES, MAX_FLOWS, MAX_PORTS,
-};
+use hearth_common::{FlowEvent, FlowInfo, PacketCounts, EVENTS_BYTES, MAX_FLOWS, MAX_PORTS};
 
-use crate::flow::{self, Direction, IpHeader, SockStateRecord, IPPROTO_TCP};
+use crate::flow::{self, Direction, SockAddrs, SockStateRecord, IPPROTO_TCP, TCP_LISTEN};
 
-/// Per-flow counters (`names::FLOWS`). LRU: flows nobody reads any more age out.
+/// Per-flow counters (`names::FLOWS`), keyed by the socket's cookie, one [`PacketCounts`] per CPU:
+/// a packet updates its own CPU's copy, so the CPUs that receive a flow's requests and the ones that
+/// send its responses never share a cache line (measured: a shared entry cost twice the time per
+/// packet on a 16-CPU host). LRU: flows nobody deletes age out. The loader sizes it to the host's CPU
+/// count (`hearth_common::flows_capacity`).
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruPerCpuHashMap<u64, PacketCounts> =
+    LruPerCpuHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// What each flow of `FLOWS` is (`names::FLOW_INFO`): its addresses and when it started, written
+/// once with its first packet.
+#[map]
+static FLOW_INFO: LruHashMap<u64, FlowInfo> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// Open/close events of connections to the gateway ports (`names::EVENTS`).
 #[map]
@@ -37,7 +46,7 @@ static GATEWAY_PORTS: [u16; MAX_PORTS] = [0; MAX_PORTS];
 static N_PORTS: u32 = 0;
 
 /// The kernel needs a license string; only helpers that are not GPL-only are used (map access,
-/// `bpf_skb_load_bytes`, `bpf_ktime_get_ns`, ring buffer; tracepoint fields are read straight from the
+/// `bpf_get_socket_cookie`, `bpf_sk_fullsock`, `bpf_ktime_get_ns`, ring buffer; tracepoint fields are read straight from the
 /// context), so the project's own license works. A GPL-only helper would need a GPL-compatible string.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
@@ -55,110 +64,103 @@ pub fn hearth_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// Adds a TCP packet (the skb starts at the IP header in `cgroup_skb`) to its flow in `FLOWS`.
+/// Adds a packet of one of the cgroup's TCP sockets to its flow. The hot path is the socket's cookie
+/// (a helper that reads a field of the socket) and one lookup of an 8-byte key; nothing of the packet
+/// is parsed. A socket's first packet creates its flow ([`new_flow`]).
 #[inline(always)]
 fn count(ctx: &SkBuffContext, dir: Direction) -> Option<()> {
-    let pkt = Linear::of(ctx);
-    let (family, src, dst, l4) = match flow::ip_header(&pkt.read(ctx, 0)?) {
-        IpHeader::V4Tcp { src, dst, l4 } => (AF_INET, src, dst, l4),
-        IpHeader::V6Tcp => {
-            let addrs: [u8; 32] = pkt.read(ctx, 8)?;
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&addrs[..16]);
-            dst.copy_from_slice(&addrs[16..]);
-            (AF_INET6, src, dst, flow::IPV6_L4)
-        }
-        IpHeader::Other => return None,
+    let skb = ctx.skb.skb;
+    // SAFETY: a BPF helper called with the program's own context (`struct __sk_buff`). In a
+    // cgroup_skb program the buffer always has its socket (the hook runs for a socket), so the
+    // cookie is that socket's, stable for its life and never reused.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    let counts = match FLOWS.get_ptr_mut(&cookie) {
+        Some(c) => c,
+        None => new_flow(ctx, cookie)?,
     };
-    let ports: [u8; 4] = pkt.read(ctx, l4)?;
-    let sport = u16::from_be_bytes([ports[0], ports[1]]);
-    let dport = u16::from_be_bytes([ports[2], ports[3]]);
-    let key = flow::packet_key(family, src, dst, sport, dport, dir);
     let len = u64::from(ctx.len());
-
-    // The hot path reads no clock (slow on some VMs): user space dates activity by the counters'
-    // changes at its poll. Only a new entry gets its creation time.
-    if let Some(stats) = FLOWS.get_ptr_mut(&key) {
-        add(stats, dir, len);
-        return Some(());
-    }
-    // SAFETY: a BPF helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut init = FlowStats {
-        first_seen_ns: now,
-        last_seen_ns: now,
-        ..FlowStats::default()
-    };
-    match dir {
-        Direction::In => {
-            init.bytes_in = len;
-            init.packets_in = 1;
-        }
-        Direction::Out => {
-            init.bytes_out = len;
-            init.packets_out = 1;
-        }
-    }
-    if FLOWS.insert(&key, &init, u64::from(BPF_NOEXIST)).is_err() {
-        // Another CPU inserted it first (or the map is full of entries it could not evict).
-        let stats = FLOWS.get_ptr_mut(&key)?;
-        add(stats, dir, len);
+    // SAFETY: `counts` is this CPU's value of a `FLOWS` entry from a successful lookup: valid,
+    // 8-byte aligned and alive for this program's run. The adds are atomic (`lock add`, on a cache
+    // line no other CPU writes, so cheap) because a program on this CPU may be interrupted by
+    // another one (egress in process context, ingress in a softirq) updating the same value.
+    unsafe {
+        let (bytes, packets) = match dir {
+            Direction::In => (&raw mut (*counts).bytes_in, &raw mut (*counts).packets_in),
+            Direction::Out => (&raw mut (*counts).bytes_out, &raw mut (*counts).packets_out),
+        };
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, len);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
     }
     Some(())
 }
 
-/// The linear part of the packet, which `cgroup_skb` programs may read directly (`data`..`data_end`).
-/// Egress buffers and TCP's received ones have their headers there, so reads rarely need the
-/// `bpf_skb_load_bytes` helper, which costs a call each.
-struct Linear {
-    data: usize,
-    end: usize,
-}
-
-impl Linear {
-    #[inline(always)]
-    fn of(ctx: &SkBuffContext) -> Linear {
-        let skb = ctx.skb.skb;
-        // SAFETY: `skb` is the program's context; reading its `data` and `data_end` fields is what
-        // the verifier turns into packet pointers.
-        let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
-        Linear { data, end }
-    }
-
-    /// `N` bytes at `offset` of the packet: straight from the linear part when they lie in it, else
-    /// through the helper (None if the packet is shorter).
-    #[inline(always)]
-    fn read<const N: usize>(&self, ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
-        let start = self.data + offset;
-        if start + N > self.end {
-            return ctx.load(offset).ok();
-        }
-        let mut out = [0u8; N];
-        let mut i = 0;
-        while i < N {
-            // SAFETY: start + i < start + N <= end: inside the linear part, checked just above (the
-            // verifier proves the same bound before it accepts the load).
-            out[i] = unsafe { *((start + i) as *const u8) };
-            i += 1;
-        }
-        Some(out)
-    }
-}
-
-/// Atomic adds on an entry other CPUs may update at the same time: `lock *(u64 *)(r + off) += r'`
-/// (BPF_ATOMIC | BPF_ADD without BPF_FETCH, as the result is unused).
+/// Creates the flow of a socket not in `FLOWS` yet: its `FLOW_INFO` (addresses read from the socket,
+/// keyed as the tracepoint keys it) first, so that every `FLOWS` entry user space sees has one, then
+/// zeroed counters. Not for other protocols than TCP, nor for a listening socket: the handshake of
+/// an accepted connection (SYN, SYN-ACK, the final ACK) passes the hook on the listener, before the
+/// connection has a socket of its own, so it is not counted; the connection's flow starts with its
+/// first packet after that.
 #[inline(always)]
-fn add(stats: *mut FlowStats, dir: Direction, len: u64) {
-    // SAFETY: `stats` is a map value pointer from a successful lookup: valid, 8-byte aligned and
-    // alive for this program's run; the counters are only ever updated atomically.
+fn new_flow(ctx: &SkBuffContext, cookie: u64) -> Option<*mut PacketCounts> {
+    // SAFETY: reading the `sk` field of the program's context, which the verifier turns into a
+    // (nullable) socket pointer.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a BPF helper given a non-null socket pointer from the context; it returns the full
+    // socket or null.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let addrs = read_sock(sk)?;
+    let key = flow::sock_key(&addrs)?;
+    let info = FlowInfo {
+        key,
+        // SAFETY: a BPF helper without preconditions.
+        first_seen_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // Replaces a stale entry left by an evicted `FLOWS` one.
+    FLOW_INFO.insert(&cookie, &info, 0).ok()?;
+    // Another CPU may have inserted it first: then this fails and the lookup finds theirs.
+    let _ = FLOWS.insert(&cookie, &PacketCounts::default(), u64::from(BPF_NOEXIST));
+    FLOWS.get_ptr_mut(&cookie)
+}
+
+/// The addresses of a full TCP socket that is not listening, field by field: the context rewrite
+/// for `struct bpf_sock` accepts only loads of a field's own size, so every load is a volatile one
+/// that the compiler cannot merge with its neighbour.
+#[inline(always)]
+fn read_sock(sk: *mut bpf_sock) -> Option<SockAddrs> {
+    // SAFETY: `sk` is a non-null full socket from `bpf_sk_fullsock`; each read is one field of
+    // `struct bpf_sock`, at its own size, which the verifier checks and rewrites.
     unsafe {
-        let (bytes, packets) = match dir {
-            Direction::In => (&raw mut (*stats).bytes_in, &raw mut (*stats).packets_in),
-            Direction::Out => (&raw mut (*stats).bytes_out, &raw mut (*stats).packets_out),
+        if read_volatile(&raw const (*sk).protocol) != u32::from(IPPROTO_TCP)
+            || read_volatile(&raw const (*sk).state) == TCP_LISTEN as u32
+        {
+            return None;
+        }
+        let word = |p: *const u32| read_volatile(p).to_le_bytes();
+        let six = |p: *const [u32; 4]| {
+            let w = p.cast::<u32>();
+            let (a, b, c, d) = (word(w), word(w.add(1)), word(w.add(2)), word(w.add(3)));
+            [
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+                d[2], d[3],
+            ]
         };
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, len);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
+        let family = read_volatile(&raw const (*sk).family);
+        Some(SockAddrs {
+            family: u16::try_from(family).ok()?,
+            local4: word(&raw const (*sk).src_ip4),
+            remote4: word(&raw const (*sk).dst_ip4),
+            local6: six(&raw const (*sk).src_ip6),
+            remote6: six(&raw const (*sk).dst_ip6),
+            // `src_port` is in host byte order, `dst_port` in network byte order (16 bits).
+            local_port: u16::try_from(read_volatile(&raw const (*sk).src_port)).ok()?,
+            remote_port: u16::from_be(read_volatile(&raw const (*sk).dst_port)),
+        })
     }
 }
 

@@ -15,11 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, RingBuf};
+use aya::maps::RingBuf;
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::EbpfLoader;
+use hearth_common::user::{size_flows, FlowMaps};
 use hearth_common::{
-    names, FlowEvent, FlowKey, FlowStats, AF_INET, AF_INET6, EVENT_CLOSE, EVENT_OPEN, MAX_PORTS,
+    flows_capacity, names, FlowEvent, FlowKey, AF_INET, AF_INET6, EVENT_CLOSE, EVENT_OPEN,
+    MAX_PORTS,
 };
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth-ebpf.o"));
@@ -82,11 +84,22 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
     let mut ports = [0u16; MAX_PORTS];
     ports[0] = port;
     let n_ports: u32 = 1;
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(names::GATEWAY_PORTS, &ports, true)
-        .override_global(names::N_PORTS, &n_ports, true)
-        .load(OBJECT)
-        .expect("loading the eBPF object");
+        .override_global(names::N_PORTS, &n_ports, true);
+    let capacity = size_flows(&mut loader).expect("sizing FLOWS");
+    let cpus = aya::util::nr_cpus().expect("possible CPUs");
+    assert_eq!(capacity, flows_capacity(cpus as u32));
+    let mut ebpf = loader.load(OBJECT).expect("loading the eBPF object");
+    let Some(aya::maps::Map::PerCpuLruHashMap(flows)) = ebpf.map(names::FLOWS) else {
+        panic!("FLOWS is not a per-CPU LRU hash map");
+    };
+    assert_eq!(
+        flows.info().expect("FLOWS info").max_entries(),
+        capacity,
+        "FLOWS created with the capacity set"
+    );
 
     let cgroup = TestCgroup::create();
     let cgroup_dir = fs::File::open(&cgroup.path).expect("opening the cgroup directory");
@@ -157,8 +170,9 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let flows: HashMap<_, FlowKey, FlowStats> =
-        HashMap::try_from(ebpf.map(names::FLOWS).expect("no map FLOWS")).expect("FLOWS is a hash");
+    let mut maps = FlowMaps::take(&mut ebpf).expect("FLOWS and FLOW_INFO");
+    let reading = maps.read();
+    assert_eq!(reading.orphans, 0, "every FLOWS entry has its FLOW_INFO");
     for (client, k) in clients.iter().zip(&keys) {
         let what = format!("flow {client} -> port {port}");
         let opens = events
@@ -179,9 +193,15 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
         let (open, close) = (open.expect("open"), close.expect("close"));
         assert!(open.ts_ns > 0 && open.ts_ns <= close.ts_ns, "{what}: times");
 
-        let st = flows
-            .get(k, 0)
-            .unwrap_or_else(|e| panic!("{what}: no FLOWS entry for {k:?}: {e}"));
+        let mine: Vec<_> = reading.flows.iter().filter(|f| f.info.key == *k).collect();
+        let [flow] = mine.as_slice() else {
+            panic!(
+                "{what}: {} FLOWS entries for {k:?} (one socket, one flow): {:#?}",
+                mine.len(),
+                reading.flows
+            );
+        };
+        let st = flow.counts;
         eprintln!(
             "ebpf_programs: {what}: payload in {TO_SERVER} / counted bytes_in {} in {} packets; \
              payload out {TO_CLIENT} / counted bytes_out {} in {} packets",
@@ -189,24 +209,30 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
         );
         check_counter(&what, "in", st.bytes_in, st.packets_in, TO_SERVER);
         check_counter(&what, "out", st.bytes_out, st.packets_out, TO_CLIENT);
+        // The handshake passes the hook on the listener, so the connection's own socket (and its
+        // flow) starts with the ESTABLISHED state; the last packet (the client's last ACK) is
+        // counted on its way in, before it moves the socket to CLOSE.
+        let first = flow.info.first_seen_ns;
         assert!(
-            st.first_seen_ns > 0 && st.first_seen_ns <= st.last_seen_ns,
-            "{what}: times {st:?}"
-        );
-        // The SYN is counted before the socket is ESTABLISHED; the last packet (the client's last
-        // ACK) is counted on its way in, before it moves the socket to CLOSE.
-        assert!(
-            st.first_seen_ns <= open.ts_ns && st.last_seen_ns <= close.ts_ns,
-            "{what}: packet times around the events: {st:?} {open:?} {close:?}"
+            open.ts_ns <= first && first <= close.ts_ns,
+            "{what}: the flow's first packet between the events: {flow:?} {open:?} {close:?}"
         );
     }
-    // Only the server's sockets are in the cgroup: every flow counted is one of ours (the client side
-    // of the same connections is not counted a second time).
-    let counted: Vec<FlowKey> = flows.keys().map(|k| k.expect("key")).collect();
-    for k in &counted {
-        assert!(keys.contains(k), "unexpected flow {k:?} in FLOWS");
+    // Only the server's sockets are in the cgroup, and its listener is not counted: every flow is
+    // one of ours (the client side of the same connections is not counted a second time).
+    for f in &reading.flows {
+        assert!(keys.contains(&f.info.key), "unexpected flow {f:?} in FLOWS");
     }
-    assert_eq!(counted.len(), keys.len(), "{counted:?}");
+    assert_eq!(reading.flows.len(), keys.len(), "{:#?}", reading.flows);
+    // Deleting a flow takes it out of both maps.
+    for f in &reading.flows {
+        maps.remove(f.cookie);
+    }
+    assert_eq!(
+        maps.entries(),
+        (0, 0),
+        "FLOWS and FLOW_INFO after deleting every flow"
+    );
     drop(ebpf); // detaches everything before the cgroup goes
 }
 
@@ -214,7 +240,7 @@ fn check_counter(what: &str, dir: &str, bytes: u64, packets: u64, payload: usize
     let payload = payload as u64;
     assert!(
         packets >= 2,
-        "{what}: {dir}: {packets} packets (at least the handshake and data)"
+        "{what}: {dir}: {packets} packets (data and acknowledgements)"
     );
     assert!(
         bytes >= payload,

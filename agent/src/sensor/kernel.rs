@@ -9,10 +9,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{MapData, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use hearth_common::{names, FlowEvent, FlowKey, FlowStats, AF_INET6, EVENT_OPEN, MAX_PORTS};
+use hearth_common::user::{size_flows, FlowMaps};
+use hearth_common::{names, FlowEvent, FlowKey, PacketCounts, AF_INET6, EVENT_OPEN, MAX_PORTS};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
@@ -44,16 +45,19 @@ pub enum KernelError {
     },
 }
 
-/// A flow whose counters did not move for this long is deleted from `FLOWS` (traffic on it later
-/// starts a new entry), so the map and the reader's walk stay small on a busy gateway.
+/// A flow whose counters did not move for this long is deleted from `FLOWS` and `FLOW_INFO`
+/// (traffic on it later starts a new entry), so the maps and the reader's walk stay small on a busy
+/// gateway.
 const STALE_AFTER: Duration = Duration::from_secs(600);
 
 /// The loaded and attached programs.
 pub struct Kernel {
     ebpf: Ebpf,
+    flows: FlowMaps,
     cgroup: PathBuf,
-    /// Per flow: the counters at the last reading and since when they have not moved.
-    seen: HashMap<FlowKey, (FlowStats, Instant)>,
+    /// Per flow (socket cookie): the counters at the last reading and since when they have not
+    /// moved.
+    seen: HashMap<u64, (PacketCounts, Instant)>,
     /// Flows whose connection closed: deleted after their final counters were read.
     closed: Vec<FlowKey>,
 }
@@ -75,11 +79,16 @@ impl Kernel {
             *p = *v;
         }
         let n = config.gateway_ports.len().min(MAX_PORTS) as u32;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::GATEWAY_PORTS, &ports, true)
-            .override_global(names::N_PORTS, &n, true)
+            .override_global(names::N_PORTS, &n, true);
+        let capacity = size_flows(&mut loader).map_err(|e| KernelError::Load(error_chain(&e)))?;
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| KernelError::Load(error_chain(&e)))?;
+        let flows = FlowMaps::take(&mut ebpf).map_err(|e| KernelError::Load(error_chain(&e)))?;
+        tracing::debug!(flows = capacity, "sensor: FLOWS sized for this host's CPUs");
         let dir = fs::File::open(&cgroup).map_err(|e| KernelError::Attach {
             program: names::INGRESS,
             target: cgroup.display().to_string(),
@@ -121,6 +130,7 @@ impl Kernel {
             .map_err(|e| tp_err(error_chain(&e)))?;
         Ok(Kernel {
             ebpf,
+            flows,
             cgroup,
             seen: HashMap::new(),
             closed: Vec::new(),
@@ -189,59 +199,73 @@ impl Kernel {
         }
     }
 
-    /// Reports every flow's counters, then deletes closed and stale flows from the map.
+    /// Reports every flow's counters, then deletes closed and stale flows from the maps.
     fn read_flows(&mut self, clock: &Clock, out: &mut Vec<Observation>) {
-        let Some(map) = self.ebpf.map_mut(names::FLOWS) else {
-            return;
-        };
-        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowStats> =
-            match BpfHashMap::try_from(map) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "reading the sensor's flow map");
-                    return;
-                }
-            };
-        // An entry evicted between the key walk and its lookup is skipped.
-        let entries: Vec<(FlowKey, FlowStats)> = flows.iter().filter_map(Result::ok).collect();
+        let reading = self.flows.read();
+        if reading.orphans > 0 {
+            // Their sockets' next packets start them again, from 0: the tracker sees the
+            // counters go down and counts from there.
+            tracing::debug!(
+                flows = reading.orphans,
+                "sensor: flows whose FLOW_INFO the kernel evicted were deleted"
+            );
+        }
         let now = Instant::now();
         // The programs read no clock per packet: a flow's counters moving is its activity, dated
         // by this reading.
         let now_ms = unix_ms(SystemTime::now());
         let mut stale = Vec::new();
-        let mut seen = HashMap::with_capacity(entries.len());
-        for (k, v) in entries {
-            let since = match self.seen.get(&k) {
-                Some((prev, since)) if *prev == v => *since,
+        let mut seen = HashMap::with_capacity(reading.flows.len());
+        // One observation per address pair: two sockets with the same addresses (a closed one not
+        // deleted yet and a new one reusing its ports) are added up.
+        let mut by_key: HashMap<FlowKey, usize> = HashMap::with_capacity(reading.flows.len());
+        let mut flows: Vec<(FlowKey, PacketCounts, u64)> = Vec::with_capacity(reading.flows.len());
+        for f in &reading.flows {
+            let since = match self.seen.get(&f.cookie) {
+                Some((prev, since)) if *prev == f.counts => *since,
                 _ => now,
             };
             if now.duration_since(since) >= STALE_AFTER {
-                stale.push(k);
+                stale.push(f);
             }
-            seen.insert(k, (v, since));
-            let (local, remote) = addrs(&k);
+            seen.insert(f.cookie, (f.counts, since));
+            match by_key.get(&f.info.key) {
+                Some(&i) => {
+                    let (_, counts, first) = &mut flows[i];
+                    counts.add(&f.counts);
+                    *first = (*first).min(f.info.first_seen_ns);
+                }
+                None => {
+                    by_key.insert(f.info.key, flows.len());
+                    flows.push((f.info.key, f.counts, f.info.first_seen_ns));
+                }
+            }
+        }
+        for (key, c, first_seen_ns) in flows {
+            let (local, remote) = addrs(&key);
             out.push(Observation::Counters(FlowCounters {
                 local,
                 remote,
-                bytes_in: v.bytes_in,
-                bytes_out: v.bytes_out,
-                packets_in: v.packets_in,
-                packets_out: v.packets_out,
-                first_seen_ms: clock.to_unix_ms(v.first_seen_ns),
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+                packets_in: c.packets_in,
+                packets_out: c.packets_out,
+                first_seen_ms: clock.to_unix_ms(first_seen_ns),
                 last_seen_ms: now_ms,
             }));
         }
         for k in self.closed.drain(..) {
-            // Already gone (evicted, or deleted twice) is fine.
-            let _ = flows.remove(&k);
-            seen.remove(&k);
+            for f in reading.flows.iter().filter(|f| f.info.key == k) {
+                self.flows.remove(f.cookie);
+                seen.remove(&f.cookie);
+            }
         }
-        for k in stale {
-            let _ = flows.remove(&k);
-            seen.remove(&k);
+        for f in stale {
+            self.flows.remove(f.cookie);
+            seen.remove(&f.cookie);
             // The connection may still be open: its next counters start from 0, and the tracker
             // must not subtract the deleted ones from them.
-            let (local, remote) = addrs(&k);
+            let (local, remote) = addrs(&f.info.key);
             out.push(Observation::Reset { local, remote });
         }
         self.seen = seen;

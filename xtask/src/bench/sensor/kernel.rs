@@ -11,13 +11,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{MapData, RingBuf};
 use aya::programs::{
     cgroup_skb::CgroupSkbLinkId, trace_point::TracePointLinkId, CgroupAttachMode, CgroupSkb,
     CgroupSkbAttachType, TracePoint,
 };
 use aya::{Ebpf, EbpfLoader};
-use hearth_common::{names, FlowEvent, FlowKey, FlowStats, EVENT_OPEN, MAX_PORTS};
+use hearth_common::user::{size_flows, FlowMaps};
+use hearth_common::{names, FlowEvent, FlowKey, EVENT_OPEN, MAX_PORTS};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::time::{clock_gettime, ClockId};
 
@@ -191,7 +192,7 @@ impl ProgStat {
 
 /// The maps hearth's poller reads.
 pub struct Maps {
-    flows: BpfHashMap<MapData, FlowKey, FlowStats>,
+    flows: FlowMaps,
     events: RingBuf<MapData>,
 }
 
@@ -226,11 +227,12 @@ impl Sensor {
         let mut ports = [0u16; MAX_PORTS];
         ports[0] = port;
         let n_ports: u32 = 1;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::GATEWAY_PORTS, &ports, true)
-            .override_global(names::N_PORTS, &n_ports, true)
-            .load(object)
-            .context("loading the eBPF object")?;
+            .override_global(names::N_PORTS, &n_ports, true);
+        size_flows(&mut loader)?;
+        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         for name in [names::INGRESS, names::EGRESS] {
             skb(&mut ebpf, name)?
                 .load()
@@ -239,11 +241,7 @@ impl Sensor {
         tracepoint(&mut ebpf)?
             .load()
             .with_context(|| format!("loading {}", names::SOCK_STATE))?;
-        let flows = BpfHashMap::try_from(
-            ebpf.take_map(names::FLOWS)
-                .with_context(|| format!("no map {} in the object", names::FLOWS))?,
-        )
-        .context("FLOWS is not a hash map of FlowKey to FlowStats")?;
+        let flows = FlowMaps::take(&mut ebpf)?;
         let events = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
                 .with_context(|| format!("no map {} in the object", names::EVENTS))?,
@@ -454,15 +452,15 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
             drain(&mut maps.events, &mut t, &mut closed);
             let c0 = thread_cpu();
             let mut n = 0u64;
-            // An entry evicted between the key walk and its lookup is skipped, as hearth does.
-            for (k, v) in maps.flows.iter().flatten() {
-                std::hint::black_box((k, v));
-                n += 1;
-            }
+            // The same reading as hearth's, and the same deletion of closed flows.
+            let reading = maps.flows.read();
+            n += reading.flows.len() as u64;
             for k in closed.drain(..) {
-                // Already gone (evicted) is fine, as in hearth.
-                let _ = maps.flows.remove(&k);
+                for f in reading.flows.iter().filter(|f| f.info.key == k) {
+                    maps.flows.remove(f.cookie);
+                }
             }
+            std::hint::black_box(&reading);
             t.flow_reads += 1;
             t.flow_entries = n;
             t.flows_cpu += thread_cpu().saturating_sub(c0);
