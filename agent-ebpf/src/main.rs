@@ -3,8 +3,9 @@
 //! the names of everything below).
 //!
 //! - `hearth_ingress` / `hearth_egress` (`cgroup_skb`, attached to the gateway's cgroup): count every
-//!   TCP packet of the cgroup's sockets in `FLOWS`, keyed from the gateway's side. They never drop a
-//!   packet (always return 1).
+//!   packet of the cgroup's connected TCP sockets in `FLOWS` (per-CPU counters keyed by the socket's
+//!   cookie); a socket's first packet records its addresses, from the gateway's side, in `FLOW_INFO`.
+//!   They never drop a packet (always return 1).
 //! - `hearth_sock_state` (tracepoint `sock/inet_sock_set_state`): a `FlowEvent` into `EVENTS` when a
 //!   connection whose local port is one of `GATEWAY_PORTS` (one the gateway accepted) reaches
 //!   ESTABLISHED or CLOSE.

@@ -16,6 +16,7 @@
 
 mod kernel;
 mod net;
+mod paired;
 mod report;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -79,6 +80,11 @@ pub struct SensorArgs {
     /// Attach without the reader that mimics hearth's poller (FLOWS every second, EVENTS drained)
     #[arg(long)]
     pub no_reader: bool,
+    /// Measure the throughput loss side by side instead: two servers in two cgroups take the same
+    /// load at the same time, the programs attached to one of them (alternating), so both see the
+    /// same moments of the machine. No BPF stats; writes its own section of the results file
+    #[arg(long)]
+    pub paired: bool,
     /// eBPF object [default: target/ebpf/hearth-ebpf.o]
     #[arg(long)]
     pub object: Option<PathBuf>,
@@ -295,14 +301,19 @@ pub fn run(args: &SensorArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-    let results = measure(args, &root, &mount, &object_path, &object, &work)?;
-    let md = report::markdown(&results);
+    let (md, begin, end) = if args.paired {
+        let md = paired::run(args, &root, &mount, &object_path, &object, &work)?;
+        (md, paired::BEGIN, paired::END)
+    } else {
+        let results = measure(args, &root, &mount, &object_path, &object, &work)?;
+        (report::markdown(&results), BEGIN, END)
+    };
     println!("{md}");
     if args.results.no_write {
         eprintln!("bench sensor: results file not written (--no-write)");
     } else {
         let output = args.results.path(&root);
-        super::report::write_section(&output, BEGIN, END, &md)?;
+        super::report::write_section(&output, begin, end, &md)?;
         eprintln!("bench sensor: wrote {}", output.display());
     }
     eprintln!("bench sensor: server log in {}", work.display());
@@ -546,64 +557,54 @@ fn measure(
     };
 
     let mut scenarios = Vec::new();
-    for kind in [ScenarioKind::Bulk, ScenarioKind::Rr, ScenarioKind::Connect] {
-        if !args.scenarios.contains(&kind) {
-            continue;
+    for sc in scenarios_of(args) {
+        let phase = Duration::from_secs_f64(args.phase_secs);
+        let warmup = Duration::from_secs_f64((args.phase_secs / 4.0).min(0.5));
+        for on in [false, true] {
+            bench.phase(sc, on, warmup)?;
         }
-        let conns: Vec<usize> = match kind {
-            ScenarioKind::Rr => args.rr_connections.clone(),
-            _ => vec![1],
+        let mut res = ScenarioResult {
+            scenario: sc,
+            off: Agg::default(),
+            on: Agg::default(),
         };
-        for conns in conns {
-            let sc = Scenario { kind, conns };
-            let phase = Duration::from_secs_f64(args.phase_secs);
-            let warmup = Duration::from_secs_f64((args.phase_secs / 4.0).min(0.5));
-            for on in [false, true] {
-                bench.phase(sc, on, warmup)?;
-            }
-            let mut res = ScenarioResult {
-                scenario: sc,
-                off: Agg::default(),
-                on: Agg::default(),
+        for round in 0..args.rounds {
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
             };
-            for round in 0..args.rounds {
-                let order = if round % 2 == 0 {
-                    [false, true]
-                } else {
-                    [true, false]
-                };
-                for on in order {
-                    let p = bench.phase(sc, on, phase)?;
-                    eprintln!(
-                        "bench sensor: {} round {}/{} {:>3}: {:10.1} {}/s{}",
-                        sc.label(),
-                        round + 1,
-                        args.rounds,
-                        config_name(on),
-                        p.rate,
-                        sc.unit(),
-                        if on && p.progs[0].runs > 0 {
-                            format!(
-                                ", ingress {:.0} ns x {}, egress {:.0} ns x {}, tracepoint {} runs",
-                                p.progs[0].ns_per_run(),
-                                p.progs[0].runs,
-                                p.progs[1].ns_per_run(),
-                                p.progs[1].runs,
-                                p.progs[2].runs
-                            )
-                        } else {
-                            String::new()
-                        }
-                    );
-                    if on {
-                        res.on.add(&p);
+            for on in order {
+                let p = bench.phase(sc, on, phase)?;
+                eprintln!(
+                    "bench sensor: {} round {}/{} {:>3}: {:10.1} {}/s{}",
+                    sc.label(),
+                    round + 1,
+                    args.rounds,
+                    config_name(on),
+                    p.rate,
+                    sc.unit(),
+                    if on && p.progs[0].runs > 0 {
+                        format!(
+                            ", ingress {:.0} ns x {}, egress {:.0} ns x {}, tracepoint {} runs",
+                            p.progs[0].ns_per_run(),
+                            p.progs[0].runs,
+                            p.progs[1].ns_per_run(),
+                            p.progs[1].runs,
+                            p.progs[2].runs
+                        )
                     } else {
-                        res.off.add(&p);
+                        String::new()
                     }
+                );
+                if on {
+                    res.on.add(&p);
+                } else {
+                    res.off.add(&p);
                 }
             }
-            scenarios.push(res);
         }
+        scenarios.push(res);
     }
     if bench.maps.is_none() {
         notes.push("the reader did not hand the maps back".to_string());
@@ -639,6 +640,25 @@ fn measure(
         notes,
         wall: wall.elapsed(),
     })
+}
+
+/// The scenarios to run, in order: bulk, then request/response per connection count, then connect.
+fn scenarios_of(args: &SensorArgs) -> Vec<Scenario> {
+    let mut out = Vec::new();
+    for kind in [ScenarioKind::Bulk, ScenarioKind::Rr, ScenarioKind::Connect] {
+        if !args.scenarios.contains(&kind) {
+            continue;
+        }
+        match kind {
+            ScenarioKind::Rr => out.extend(
+                args.rr_connections
+                    .iter()
+                    .map(|&conns| Scenario { kind, conns }),
+            ),
+            _ => out.push(Scenario { kind, conns: 1 }),
+        }
+    }
+    out
 }
 
 /// `bench sensor-server`: waits until the bench has moved it into its cgroup, then listens (so that the

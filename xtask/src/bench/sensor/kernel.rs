@@ -100,7 +100,15 @@ pub struct BenchCgroup {
 
 impl BenchCgroup {
     pub fn create(mount: &Path) -> Result<BenchCgroup> {
-        let name = format!("{CGROUP_PREFIX}{}", std::process::id());
+        BenchCgroup::create_tagged(mount, "")
+    }
+
+    /// `<prefix><pid>` plus `-<tag>` when `tag` is not empty (two cgroups of one run).
+    pub fn create_tagged(mount: &Path, tag: &str) -> Result<BenchCgroup> {
+        let mut name = format!("{CGROUP_PREFIX}{}", std::process::id());
+        if !tag.is_empty() {
+            name = format!("{name}-{tag}");
+        }
         let path = mount.join(&name);
         fs::create_dir(&path).with_context(|| format!("creating the cgroup {}", path.display()))?;
         Ok(BenchCgroup {

@@ -8,7 +8,7 @@ use super::{Agg, Results, ScenarioKind, ScenarioResult};
 use crate::bench::stats::{mean_ci, median, summarize};
 
 /// Throughput or request rate lost with the programs attached, at most (percent).
-const TARGET_LOSS_PCT: f64 = 1.0;
+pub const TARGET_LOSS_PCT: f64 = 1.0;
 /// Run time of a cgroup_skb program per packet, at most (ns).
 const TARGET_NS_PER_PACKET: f64 = 300.0;
 /// Above this many CPUs kept busy by other processes on average, the run is called noisy.
