@@ -522,25 +522,10 @@ fn measure(
              ran during the phases without the programs"
         ));
     }
-    let port = procs::free_port()?;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-
     // Guards in the order they must go, last first: the cgroup (removed when empty), the server (stopped
     // before the cgroup is removed), the programs (detached when `bench.sensor` drops).
-    let cgroup = kernel::BenchCgroup::create(mount)?;
-    let exe = std::env::current_exe().context("the path of this executable")?;
-    let argv = vec![
-        exe.display().to_string(),
-        "bench".to_string(),
-        "sensor-server".to_string(),
-        "--port".to_string(),
-        port.to_string(),
-        "--cgroup".to_string(),
-        cgroup.v2_path().to_string(),
-    ];
-    let mut server = Proc::spawn("sensor server", &argv, &[], &work.join("server.log"))?;
-    cgroup.add(server.pid())?;
-    net::wait_listening(addr, &mut server, Duration::from_secs(10))?;
+    let (cgroup, mut server, addr) = start_server(mount, work, "")?;
+    let port = addr.port();
     let (sensor, maps) = kernel::Sensor::load(object, port, cgroup.path())?;
     eprintln!(
         "bench sensor: server pid {} on {addr} in {}; programs loaded (not attached)",
@@ -640,6 +625,40 @@ fn measure(
         notes,
         wall: wall.elapsed(),
     })
+}
+
+/// A fresh cgroup (`tag` tells two of one run apart) and the server in it, listening on a free
+/// loopback port.
+fn start_server(
+    mount: &Path,
+    work: &Path,
+    tag: &str,
+) -> Result<(kernel::BenchCgroup, Proc, SocketAddr)> {
+    let cgroup = kernel::BenchCgroup::create_tagged(mount, tag)?;
+    let port = procs::free_port()?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let exe = std::env::current_exe().context("the path of this executable")?;
+    let argv = vec![
+        exe.display().to_string(),
+        "bench".to_string(),
+        "sensor-server".to_string(),
+        "--port".to_string(),
+        port.to_string(),
+        "--cgroup".to_string(),
+        cgroup.v2_path().to_string(),
+    ];
+    let (name, log) = if tag.is_empty() {
+        ("sensor server".to_string(), work.join("server.log"))
+    } else {
+        (
+            format!("sensor server {tag}"),
+            work.join(format!("server-{tag}.log")),
+        )
+    };
+    let mut server = Proc::spawn(&name, &argv, &[], &log)?;
+    cgroup.add(server.pid())?;
+    net::wait_listening(addr, &mut server, Duration::from_secs(10))?;
+    Ok((cgroup, server, addr))
 }
 
 /// The scenarios to run, in order: bulk, then request/response per connection count, then connect.

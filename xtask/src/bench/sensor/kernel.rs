@@ -99,10 +99,6 @@ pub struct BenchCgroup {
 }
 
 impl BenchCgroup {
-    pub fn create(mount: &Path) -> Result<BenchCgroup> {
-        BenchCgroup::create_tagged(mount, "")
-    }
-
     /// `<prefix><pid>` plus `-<tag>` when `tag` is not empty (two cgroups of one run).
     pub fn create_tagged(mount: &Path, tag: &str) -> Result<BenchCgroup> {
         let mut name = format!("{CGROUP_PREFIX}{}", std::process::id());

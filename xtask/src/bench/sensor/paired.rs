@@ -10,15 +10,16 @@
 //! measures the programs' run time.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use super::kernel::{self, BenchCgroup, Reader, Sensor};
-use super::{interrupted, net, report::TARGET_LOSS_PCT, ScenarioKind, SensorArgs};
-use crate::bench::procs::{self, Proc};
+use super::report::{loss_verdict, TARGET_LOSS_PCT};
+use super::{interrupted, net, ScenarioKind, SensorArgs};
+use crate::bench::procs::Proc;
 use crate::bench::stats::{self, mean_ci, Machine};
 
 pub const BEGIN: &str = "<!-- bench-sensor-paired:begin -->";
@@ -35,28 +36,9 @@ struct Side {
 }
 
 impl Side {
-    fn start(tag: &str, mount: &Path, object: &[u8], work: &Path, exe: &Path) -> Result<Side> {
-        let cgroup = BenchCgroup::create_tagged(mount, tag)?;
-        let port = procs::free_port()?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let argv = vec![
-            exe.display().to_string(),
-            "bench".to_string(),
-            "sensor-server".to_string(),
-            "--port".to_string(),
-            port.to_string(),
-            "--cgroup".to_string(),
-            cgroup.v2_path().to_string(),
-        ];
-        let mut server = Proc::spawn(
-            &format!("sensor server {tag}"),
-            &argv,
-            &[],
-            &work.join(format!("server-{tag}.log")),
-        )?;
-        cgroup.add(server.pid())?;
-        net::wait_listening(addr, &mut server, Duration::from_secs(10))?;
-        let (sensor, maps) = Sensor::load(object, port, cgroup.path())?;
+    fn start(tag: &str, mount: &Path, object: &[u8], work: &Path) -> Result<Side> {
+        let (cgroup, server, addr) = super::start_server(mount, work, tag)?;
+        let (sensor, maps) = Sensor::load(object, addr.port(), cgroup.path())?;
         Ok(Side {
             sensor,
             maps: Some(maps),
@@ -159,10 +141,9 @@ pub fn run(
     let wall = Instant::now();
     let machine = Machine::collect(root, None);
     let load_start = stats::loadavg();
-    let exe = std::env::current_exe().context("the path of this executable")?;
     let mut sides = [
-        Side::start("a", mount, object, work, &exe)?,
-        Side::start("b", mount, object, work, &exe)?,
+        Side::start("a", mount, object, work)?,
+        Side::start("b", mount, object, work)?,
     ];
     let phase = Duration::from_secs_f64(args.phase_secs);
     let warmup = Duration::from_secs_f64((args.phase_secs / 4.0).min(0.5));
@@ -279,13 +260,7 @@ fn markdown(
         let (cell, verdict) = match mean_ci(&losses) {
             Some((mean, lo, hi)) => (
                 format!("{mean:.2} % ({lo:.2} .. {hi:.2} %)"),
-                if hi < TARGET_LOSS_PCT {
-                    "pass"
-                } else if lo > TARGET_LOSS_PCT {
-                    "FAIL"
-                } else {
-                    "inconclusive (CI spans the target)"
-                },
+                loss_verdict(lo, hi),
             ),
             None => ("one round: no CI".to_string(), "inconclusive (one round)"),
         };

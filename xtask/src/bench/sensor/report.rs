@@ -115,6 +115,17 @@ fn worst_ns(r: &Results, i: usize) -> Option<(f64, String)> {
         .max_by(|a, b| a.0.total_cmp(&b.0))
 }
 
+/// The throughput target's verdict on a loss's 95 % interval (per cent).
+pub fn loss_verdict(lo: f64, hi: f64) -> &'static str {
+    if hi < TARGET_LOSS_PCT {
+        "pass"
+    } else if lo > TARGET_LOSS_PCT {
+        "FAIL"
+    } else {
+        "inconclusive (CI spans the target)"
+    }
+}
+
 fn verdict(pass: bool) -> &'static str {
     if pass {
         "pass"
@@ -210,13 +221,7 @@ pub fn markdown(r: &Results) -> String {
                     "{mean:.2} % (95 % CI {lo:.2} .. {hi:.2} %, mean of {} rounds)",
                     losses.len()
                 ),
-                if hi < TARGET_LOSS_PCT {
-                    "pass"
-                } else if lo > TARGET_LOSS_PCT {
-                    "FAIL"
-                } else {
-                    "inconclusive (CI spans the target)"
-                },
+                loss_verdict(lo, hi),
             ),
             None => (
                 format!(
