@@ -33,7 +33,7 @@ pub mod names {
 
 /// Entries of `FLOWS` on a host with `possible_cpus` CPUs (what per-CPU maps allocate for): as many
 /// as [`FLOWS_COUNTERS_BYTES`] hold, between [`MIN_FLOWS`] and [`MAX_FLOWS`]. The loader sets it
-/// (`EbpfLoader::set_max_entries`); the object's own value is [`MAX_FLOWS`].
+/// (`EbpfLoader::map_max_entries`, through `user::size_flows`); the object's own value is [`MAX_FLOWS`].
 pub const fn flows_capacity(possible_cpus: u32) -> u32 {
     let cpus = if possible_cpus == 0 {
         1

@@ -3,13 +3,14 @@
 
 extern crate std;
 
+use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::vec::Vec;
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::{flows_capacity, names, FlowInfo, PacketCounts};
+use crate::{flows_capacity, names, FlowInfo, FlowKey, PacketCounts};
 
 /// Errors of [`FlowMaps`] and [`size_flows`], naming the map.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,50 @@ pub struct Reading {
     /// `FLOWS` entries without their `FLOW_INFO` (the kernel's LRU evicted it): deleted, so that
     /// the socket's next packet creates both again.
     pub orphans: usize,
+}
+
+/// One address pair's counters in a reading, with the earliest start among its sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressCounts {
+    pub key: FlowKey,
+    pub counts: PacketCounts,
+    pub first_seen_ns: u64,
+}
+
+impl Reading {
+    /// The flows per address pair, in the order first seen: two sockets with the same addresses (a
+    /// closed one not deleted yet and a new one reusing its ports) are added up, so that whoever
+    /// tracks flows by address sees one set of counters.
+    pub fn by_address(&self) -> Vec<AddressCounts> {
+        let mut index: StdHashMap<FlowKey, usize> = StdHashMap::with_capacity(self.flows.len());
+        let mut out: Vec<AddressCounts> = Vec::with_capacity(self.flows.len());
+        for f in &self.flows {
+            match index.get(&f.info.key) {
+                Some(&i) => {
+                    let a = &mut out[i];
+                    a.counts.add(&f.counts);
+                    a.first_seen_ns = a.first_seen_ns.min(f.info.first_seen_ns);
+                }
+                None => {
+                    index.insert(f.info.key, out.len());
+                    out.push(AddressCounts {
+                        key: f.info.key,
+                        counts: f.counts,
+                        first_seen_ns: f.info.first_seen_ns,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The cookies of the flows with one of these addresses.
+    pub fn cookies_of<'a>(&'a self, keys: &'a [FlowKey]) -> impl Iterator<Item = u64> + 'a {
+        self.flows
+            .iter()
+            .filter(|f| keys.contains(&f.info.key))
+            .map(|f| f.cookie)
+    }
 }
 
 /// `FLOWS` (per-CPU counters by socket cookie) and `FLOW_INFO` (addresses and start by cookie),
@@ -120,5 +165,63 @@ impl FlowMaps {
     /// Entries of `FLOWS` and of `FLOW_INFO` (a key walk each).
     pub fn entries(&self) -> (usize, usize) {
         (self.counts.keys().count(), self.info.keys().count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::std::vec;
+    use super::std::vec::Vec;
+    use super::{Flow, Reading};
+    use crate::{FlowInfo, FlowKey, PacketCounts, AF_INET};
+
+    fn key(remote_port: u16) -> FlowKey {
+        FlowKey {
+            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port: 18789,
+            remote_port,
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
+
+    fn flow(cookie: u64, remote_port: u16, first: u64, bytes_in: u64) -> Flow {
+        Flow {
+            cookie,
+            info: FlowInfo {
+                key: key(remote_port),
+                first_seen_ns: first,
+            },
+            counts: PacketCounts {
+                bytes_in,
+                bytes_out: 1,
+                packets_in: 1,
+                packets_out: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn sockets_with_the_same_addresses_are_added_up() {
+        let reading = Reading {
+            flows: vec![
+                flow(7, 40000, 50, 100),
+                flow(8, 40001, 60, 5),
+                flow(9, 40000, 30, 20),
+            ],
+            orphans: 0,
+        };
+        let by = reading.by_address();
+        assert_eq!(by.len(), 2);
+        assert_eq!(by[0].key, key(40000));
+        assert_eq!(by[0].counts.bytes_in, 120);
+        assert_eq!(by[0].counts.packets_in, 2);
+        assert_eq!(by[0].first_seen_ns, 30, "the earliest start");
+        assert_eq!(by[1].key, key(40001));
+        assert_eq!(by[1].counts.bytes_in, 5);
+        let closed = [key(40000)];
+        let cookies: Vec<u64> = reading.cookies_of(&closed).collect();
+        assert_eq!(cookies, vec![7, 9]);
     }
 }

@@ -216,10 +216,6 @@ impl Kernel {
         let now_ms = unix_ms(SystemTime::now());
         let mut stale = Vec::new();
         let mut seen = HashMap::with_capacity(reading.flows.len());
-        // One observation per address pair: two sockets with the same addresses (a closed one not
-        // deleted yet and a new one reusing its ports) are added up.
-        let mut by_key: HashMap<FlowKey, usize> = HashMap::with_capacity(reading.flows.len());
-        let mut flows: Vec<(FlowKey, PacketCounts, u64)> = Vec::with_capacity(reading.flows.len());
         for f in &reading.flows {
             let since = match self.seen.get(&f.cookie) {
                 Some((prev, since)) if *prev == f.counts => *since,
@@ -229,20 +225,10 @@ impl Kernel {
                 stale.push(f);
             }
             seen.insert(f.cookie, (f.counts, since));
-            match by_key.get(&f.info.key) {
-                Some(&i) => {
-                    let (_, counts, first) = &mut flows[i];
-                    counts.add(&f.counts);
-                    *first = (*first).min(f.info.first_seen_ns);
-                }
-                None => {
-                    by_key.insert(f.info.key, flows.len());
-                    flows.push((f.info.key, f.counts, f.info.first_seen_ns));
-                }
-            }
         }
-        for (key, c, first_seen_ns) in flows {
-            let (local, remote) = addrs(&key);
+        for a in reading.by_address() {
+            let (local, remote) = addrs(&a.key);
+            let c = a.counts;
             out.push(Observation::Counters(FlowCounters {
                 local,
                 remote,
@@ -250,15 +236,14 @@ impl Kernel {
                 bytes_out: c.bytes_out,
                 packets_in: c.packets_in,
                 packets_out: c.packets_out,
-                first_seen_ms: clock.to_unix_ms(first_seen_ns),
+                first_seen_ms: clock.to_unix_ms(a.first_seen_ns),
                 last_seen_ms: now_ms,
             }));
         }
-        for k in self.closed.drain(..) {
-            for f in reading.flows.iter().filter(|f| f.info.key == k) {
-                self.flows.remove(f.cookie);
-                seen.remove(&f.cookie);
-            }
+        let closed = std::mem::take(&mut self.closed);
+        for cookie in reading.cookies_of(&closed) {
+            self.flows.remove(cookie);
+            seen.remove(&cookie);
         }
         for f in stale {
             self.flows.remove(f.cookie);

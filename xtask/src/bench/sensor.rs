@@ -301,11 +301,18 @@ pub fn run(args: &SensorArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
+    let setup = Setup {
+        root: &root,
+        mount: &mount,
+        object_path: &object_path,
+        object: &object,
+        work: &work,
+    };
     let (md, begin, end) = if args.paired {
-        let md = paired::run(args, &root, &mount, &object_path, &object, &work)?;
+        let md = paired::run(args, &setup)?;
         (md, paired::BEGIN, paired::END)
     } else {
-        let results = measure(args, &root, &mount, &object_path, &object, &work)?;
+        let results = measure(args, &setup)?;
         (report::markdown(&results), BEGIN, END)
     };
     println!("{md}");
@@ -492,14 +499,30 @@ fn config_name(on: bool) -> &'static str {
     }
 }
 
-fn measure(
-    args: &SensorArgs,
-    root: &Path,
-    mount: &Path,
-    object_path: &Path,
-    object: &[u8],
-    work: &Path,
-) -> Result<Results> {
+/// What both modes run with: the repository, the cgroup2 mount, the object and the work directory.
+pub struct Setup<'a> {
+    pub root: &'a Path,
+    pub mount: &'a Path,
+    pub object_path: &'a Path,
+    pub object: &'a [u8],
+    pub work: &'a Path,
+}
+
+impl<'a> Setup<'a> {
+    /// (root, mount, object path, object, work directory).
+    pub fn parts(&self) -> (&'a Path, &'a Path, &'a Path, &'a [u8], &'a Path) {
+        (
+            self.root,
+            self.mount,
+            self.object_path,
+            self.object,
+            self.work,
+        )
+    }
+}
+
+fn measure(args: &SensorArgs, setup: &Setup<'_>) -> Result<Results> {
+    let (root, mount, object_path, object, work) = setup.parts();
     let wall = Instant::now();
     let mut notes = Vec::new();
     let machine = Machine::collect(root, None);

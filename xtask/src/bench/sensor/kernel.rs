@@ -459,11 +459,10 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
             // The same reading as hearth's, and the same deletion of closed flows.
             let reading = maps.flows.read();
             n += reading.flows.len() as u64;
-            for k in closed.drain(..) {
-                for f in reading.flows.iter().filter(|f| f.info.key == k) {
-                    maps.flows.remove(f.cookie);
-                }
+            for cookie in reading.cookies_of(&closed) {
+                maps.flows.remove(cookie);
             }
+            closed.clear();
             std::hint::black_box(&reading);
             t.flow_reads += 1;
             t.flow_entries = n;

@@ -130,14 +130,8 @@ fn round(
     Ok((rates[on], rates[1 - on]))
 }
 
-pub fn run(
-    args: &SensorArgs,
-    root: &Path,
-    mount: &Path,
-    object_path: &Path,
-    object: &[u8],
-    work: &Path,
-) -> Result<String> {
+pub fn run(args: &SensorArgs, setup: &super::Setup<'_>) -> Result<String> {
+    let (root, mount, object_path, object, work) = setup.parts();
     let wall = Instant::now();
     let machine = Machine::collect(root, None);
     let load_start = stats::loadavg();

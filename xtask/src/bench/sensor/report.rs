@@ -270,7 +270,7 @@ pub fn markdown(r: &Results) -> String {
             if !ns.is_empty() {
                 let _ = writeln!(
                     o,
-                    "| (not a target) per run with a new connection per request | {} per run, averaged over each connection's packets; the first inserts the flow into `FLOWS` | - |",
+                    "| (not a target) per run with a new connection per request | {} per run, averaged over each connection's packets; the first creates the flow (`FLOW_INFO` and `FLOWS` inserts) | - |",
                     ns.join(", ")
                 );
             }
