@@ -9,6 +9,11 @@ pub const MAX_PORTS: usize = 8;
 pub const MAX_FLOWS: u32 = 16384;
 /// Size of the `EVENTS` ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// The tracepoint submits its events without waking the reader (the agent drains the ring at its
+/// poll interval), until this many bytes wait in the ring: from there on each event wakes the
+/// reader, so that a burst of connections is drained before the ring fills (a quarter of the ring,
+/// about 1,000 events).
+pub const EVENTS_WAKE_BYTES: u32 = EVENTS_BYTES / 4;
 /// Memory the per-CPU counters of `FLOWS` may take: every entry holds one [`PacketCounts`] per
 /// possible CPU, allocated when the map is created.
 pub const FLOWS_COUNTERS_BYTES: u64 = 8 * 1024 * 1024;
@@ -24,6 +29,7 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const FLOW_INFO: &str = "FLOW_INFO";
     pub const EVENTS: &str = "EVENTS";
+    pub const EVENTS_LOST: &str = "EVENTS_LOST";
     pub const GATEWAY_PORTS: &str = "GATEWAY_PORTS";
     pub const N_PORTS: &str = "N_PORTS";
     pub const INGRESS: &str = "hearth_ingress";

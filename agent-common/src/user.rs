@@ -3,11 +3,11 @@
 
 extern crate std;
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 use std::io;
 use std::vec::Vec;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::{flows_capacity, names, FlowInfo, FlowKey, PacketCounts};
@@ -94,8 +94,9 @@ impl Reading {
         out
     }
 
-    /// The cookies of the flows with one of these addresses.
-    pub fn cookies_of<'a>(&'a self, keys: &'a [FlowKey]) -> impl Iterator<Item = u64> + 'a {
+    /// The cookies of the flows with one of these addresses (a closed connection's: its close
+    /// event names its addresses, not its socket).
+    pub fn cookies_of<'a>(&'a self, keys: &'a HashSet<FlowKey>) -> impl Iterator<Item = u64> + 'a {
         self.flows
             .iter()
             .filter(|f| keys.contains(&f.info.key))
@@ -130,12 +131,18 @@ impl FlowMaps {
         })
     }
 
-    /// Every flow with its counters. An entry evicted or deleted between the key walk and its lookup
-    /// is skipped.
+    /// Every flow with its counters, each once. An entry evicted or deleted between the key walk and
+    /// its lookup is skipped. The kernel's key walk starts over from the first key when the key it
+    /// continues from was deleted meanwhile (the LRU evicts while new connections arrive), so an
+    /// entry can come twice: only its first reading is kept.
     pub fn read(&mut self) -> Reading {
         let mut reading = Reading::default();
         let mut orphans = Vec::new();
+        let mut seen = HashSet::new();
         for (cookie, per_cpu) in self.counts.iter().filter_map(Result::ok) {
+            if !seen.insert(cookie) {
+                continue;
+            }
             let mut counts = PacketCounts::default();
             for c in per_cpu.iter() {
                 counts.add(c);
@@ -168,11 +175,40 @@ impl FlowMaps {
     }
 }
 
+/// `EVENTS_LOST`: how many open/close events the kernel could not queue because the ring buffer was
+/// full (one counter per CPU).
+pub struct LostEvents {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl LostEvents {
+    pub fn take(ebpf: &mut Ebpf) -> Result<LostEvents, FlowMapsError> {
+        let map = ebpf
+            .take_map(names::EVENTS_LOST)
+            .ok_or(FlowMapsError::Missing(names::EVENTS_LOST))?;
+        Ok(LostEvents {
+            map: PerCpuArray::try_from(map).map_err(|source| FlowMapsError::Map {
+                map: names::EVENTS_LOST,
+                source,
+            })?,
+        })
+    }
+
+    /// The total since the programs were loaded, over every CPU.
+    pub fn total(&self) -> Result<u64, FlowMapsError> {
+        let per_cpu = self.map.get(&0, 0).map_err(|source| FlowMapsError::Map {
+            map: names::EVENTS_LOST,
+            source,
+        })?;
+        Ok(per_cpu.iter().fold(0u64, |a, n| a.wrapping_add(*n)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::std::vec;
     use super::std::vec::Vec;
-    use super::{Flow, Reading};
+    use super::{Flow, HashSet, Reading};
     use crate::{FlowInfo, FlowKey, PacketCounts, AF_INET};
 
     fn key(remote_port: u16) -> FlowKey {
@@ -220,7 +256,7 @@ mod tests {
         assert_eq!(by[0].first_seen_ns, 30, "the earliest start");
         assert_eq!(by[1].key, key(40001));
         assert_eq!(by[1].counts.bytes_in, 5);
-        let closed = [key(40000)];
+        let closed = HashSet::from([key(40000)]);
         let cookies: Vec<u64> = reading.cookies_of(&closed).collect();
         assert_eq!(cookies, vec![7, 9]);
     }

@@ -7,13 +7,17 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use core::ptr::read_volatile;
 
-use aya_ebpf::bindings::{bpf_sock, BPF_NOEXIST, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::{
+    bpf_sock, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+};
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock};
 use aya_ebpf::macros::{cgroup_skb, map, tracepoint};
-use aya_ebpf::maps::{LruHashMap, LruPerCpuHashMap, RingBuf};
+use aya_ebpf::maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{SkBuffContext, TracePointContext};
 use aya_ebpf::EbpfContext;
-use hearth_common::{FlowEvent, FlowInfo, PacketCounts, EVENTS_BYTES, MAX_FLOWS, MAX_PORTS};
+use hearth_common::{
+    FlowEvent, FlowInfo, PacketCounts, EVENTS_BYTES, EVENTS_WAKE_BYTES, MAX_FLOWS, MAX_PORTS,
+};
 
 use crate::flow::{self, Direction, SockAddrs, SockStateRecord, IPPROTO_TCP, TCP_LISTEN};
 
@@ -34,6 +38,11 @@ static FLOW_INFO: LruHashMap<u64, FlowInfo> = LruHashMap::with_max_entries(MAX_F
 /// Open/close events of connections to the gateway ports (`names::EVENTS`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Events the ring buffer had no room for (`names::EVENTS_LOST`): one counter, per CPU. User space
+/// adds up the CPUs and reports the total (metric `hearth_sensor_lost_events`).
+#[map]
+static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The gateway's listening ports (`names::GATEWAY_PORTS`), the first `N_PORTS` used. Set by the loader
 /// (`EbpfLoader::override_global`); read only with `read_volatile` so the compiler cannot fold the
@@ -195,7 +204,16 @@ fn sock_state(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let key = flow::socket_key(&r)?;
-    let mut entry = EVENTS.reserve::<FlowEvent>(0)?;
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
+        // The ring is full: the reader fell behind. Counted, so that user space can say so.
+        if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot of a one-entry per-CPU array, from a successful lookup:
+            // valid, aligned and alive for this run. (Atomic although tracepoint programs do not
+            // nest on one CPU: on this rare path it costs nothing worth an argument.)
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(lost, 1) };
+        }
+        return None;
+    };
     entry.write(FlowEvent {
         key,
         kind,
@@ -204,8 +222,16 @@ fn sock_state(ctx: &TracePointContext) -> Option<()> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
     });
     // No wake-up per event (waking the reader cost ~3 µs per state change, measured by
-    // `cargo xtask bench sensor`): the reader drains the ring at its poll interval.
-    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    // `cargo xtask bench sensor`): the reader drains the ring at its poll interval. Only once a
+    // burst has filled a quarter of the ring does each event wake it, so that it drains the ring
+    // before it is full instead of losing events until its next poll.
+    let queued = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let wake = if queued >= u64::from(EVENTS_WAKE_BYTES) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wake));
     Some(())
 }
 

@@ -402,6 +402,15 @@ fn print_sessions(v: &Value) {
     let now = hearth::sensor::unix_ms(std::time::SystemTime::now());
     let sensor = &v["sensor"];
     println!("sensor: {} ({})", s(&sensor["state"]), s(&sensor["reason"]));
+    let lost = |src: &Value, name: &str| {
+        if let Some(n) = src["events_lost_total"].as_u64().filter(|&n| n > 0) {
+            println!("  {name}: {n} open/close events lost (the kernel's event ring was full)");
+        }
+    };
+    lost(sensor, "local sensor");
+    for r in v["remote_sensors"].as_array().into_iter().flatten() {
+        lost(r, &format!("remote sensor {}", s(&r["name"])));
+    }
     println!(
         "{:<36} {:<7} {:>12} {:>12} {:>12}  LAST INTERVAL (in/out)",
         "SESSION", "STATE", "BYTES IN", "BYTES OUT", "LAST ACTIVE"

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub gateway_sessions: IntGaugeVec,
     pub gateway_bytes: IntCounterVec,
     pub sensor_dropped: IntGaugeVec,
+    pub sensor_lost_events: IntGaugeVec,
     pub model_tier: IntGaugeVec,
     pub model_vram: IntGaugeVec,
     pub sleeps: IntCounterVec,
@@ -248,6 +249,12 @@ impl Metrics {
             sensor_dropped: gauge(
                 "hearth_sensor_dropped_batches",
                 "Batches a remote sensor dropped while the agent was unreachable, as it last reported",
+                &["source"],
+            )?,
+            sensor_lost_events: gauge(
+                "hearth_sensor_lost_events",
+                "Connection open/close events a sensor's kernel programs could not queue (their ring \
+                 buffer was full) since they were loaded, as the sensor last reported",
                 &["source"],
             )?,
             confinement: gauge(

@@ -2,7 +2,8 @@
 //! (`target/ebpf/hearth-ebpf.o`, via agent/build.rs) with aya, attaches `hearth_ingress` /
 //! `hearth_egress` to a fresh child cgroup of the cgroup2 hierarchy and `hearth_sock_state` to
 //! `sock/inet_sock_set_state`, runs a TCP server (python3) inside that cgroup on a gateway port, talks
-//! to it from outside, and checks `FLOWS` and `EVENTS`.
+//! to it from outside, and checks `FLOWS` and `EVENTS`; then a burst of connections against the
+//! ring buffer's wake-up level and its capacity (`EVENTS_LOST`).
 //!
 //! Needs root and the object. Without either it is SKIPPED with a loud message (on stderr, past the
 //! harness's capture), unless `HEARTH_EBPF_REQUIRED=1` (set by `cargo xtask test` when it runs as
@@ -80,10 +81,15 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
     }
 
     let ipv6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok();
-    let port = free_port(ipv6);
+    // Two gateways (two gateway ports): a pure AF_INET server, whose sockets the kernel describes
+    // in their IPv4 fields, and, where loopback has IPv6, a dual-stack AF_INET6 one, which sees
+    // IPv4 peers as v4-mapped addresses. The programs must key both alike.
+    let port4 = free_port(false);
+    let port6 = ipv6.then(|| free_port(true));
     let mut ports = [0u16; MAX_PORTS];
-    ports[0] = port;
-    let n_ports: u32 = 1;
+    ports[0] = port4;
+    ports[1] = port6.unwrap_or(0);
+    let n_ports: u32 = if ipv6 { 2 } else { 1 };
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::GATEWAY_PORTS, &ports, true)
@@ -128,27 +134,32 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
     tp.attach("sock", "inet_sock_set_state")
         .expect("attaching hearth_sock_state");
 
-    // The server inside the cgroup, the client (this process) outside it.
-    let targets: Vec<IpAddr> = if ipv6 {
-        vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+    // The servers inside the cgroup, the clients (this process) outside it: an IPv4 client of the
+    // AF_INET server, and an IPv4 and an IPv6 client of the dual-stack one.
+    let mut targets: Vec<SocketAddr> = vec![(Ipv4Addr::LOCALHOST, port4).into()];
+    let mut servers = vec![Server::start(port4, false, 1, &cgroup)];
+    if let Some(port6) = port6 {
+        targets.push((Ipv4Addr::LOCALHOST, port6).into());
+        targets.push((Ipv6Addr::LOCALHOST, port6).into());
+        servers.push(Server::start(port6, true, 2, &cgroup));
     } else {
-        eprintln!("ebpf_programs: no IPv6 on loopback, testing IPv4 only");
-        vec![Ipv4Addr::LOCALHOST.into()]
-    };
-    let mut server = Server::start(port, ipv6, targets.len(), &cgroup);
+        eprintln!("ebpf_programs: no IPv6 on loopback, testing the AF_INET server only");
+    }
     let mut clients = Vec::new();
-    for ip in &targets {
-        let mut s = TcpStream::connect((*ip, port)).expect("connecting to the server");
+    for target in &targets {
+        let mut s = TcpStream::connect(target).expect("connecting to the server");
         s.set_read_timeout(Some(Duration::from_secs(20))).ok();
         s.write_all(&vec![b'x'; TO_SERVER]).expect("sending");
         let mut back = vec![0u8; TO_CLIENT];
         s.read_exact(&mut back).expect("receiving");
-        clients.push(s.local_addr().expect("client address"));
+        clients.push((target.port(), s.local_addr().expect("client address")));
         drop(s);
     }
-    server.wait();
+    for server in &mut servers {
+        server.wait();
+    }
 
-    let keys: Vec<FlowKey> = clients.iter().map(|c| key(port, *c)).collect();
+    let keys: Vec<FlowKey> = clients.iter().map(|(port, c)| key(*port, *c)).collect();
 
     // EVENTS: the server socket's CLOSE comes with the client's last ACK; poll for a while.
     let mut ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).expect("no map EVENTS"))
@@ -173,8 +184,13 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
     let mut maps = FlowMaps::take(&mut ebpf).expect("FLOWS and FLOW_INFO");
     let reading = maps.read();
     assert_eq!(reading.orphans, 0, "every FLOWS entry has its FLOW_INFO");
-    for (client, k) in clients.iter().zip(&keys) {
-        let what = format!("flow {client} -> port {port}");
+    for ((port, client), k) in clients.iter().zip(&keys) {
+        let server = if Some(*port) == port6 {
+            "dual-stack"
+        } else {
+            "AF_INET"
+        };
+        let what = format!("flow {client} -> port {port} ({server} server)");
         let opens = events
             .iter()
             .filter(|e| e.key == *k && e.kind == EVENT_OPEN)
@@ -234,6 +250,132 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
         "FLOWS and FLOW_INFO after deleting every flow"
     );
     drop(ebpf); // detaches everything before the cgroup goes
+}
+
+/// The tracepoint's ring buffer under a burst of connections, watched as hearth's poller watches it
+/// (tokio's `AsyncFd`: epoll, edge-triggered, woken only when the kernel wakes the ring's waiters):
+/// below a quarter of the ring the events wake nobody (the poller drains them at its interval), past
+/// it they wake the reader; what the full ring cannot take is counted in `EVENTS_LOST`, exactly.
+#[test]
+fn a_burst_of_connections_wakes_the_reader_and_counts_what_the_full_ring_loses() {
+    if let Some(reason) = skip_reason() {
+        if std::env::var_os("HEARTH_EBPF_REQUIRED").is_some_and(|v| v == "1") {
+            panic!("HEARTH_EBPF_REQUIRED=1 but the eBPF test cannot run: {reason}");
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n=== SKIPPED agent/tests/ebpf_programs.rs (burst): {reason} ===\n"
+        );
+        return;
+    }
+    use hearth_common::user::LostEvents;
+    use hearth_common::{EVENTS_BYTES, EVENTS_WAKE_BYTES};
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+    // Only the tracepoint: it filters by port, so the server can be this process (no cgroup).
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut ports = [0u16; MAX_PORTS];
+    ports[0] = addr.port();
+    let n_ports: u32 = 1;
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(names::GATEWAY_PORTS, &ports, true)
+        .override_global(names::N_PORTS, &n_ports, true);
+    size_flows(&mut loader).expect("sizing FLOWS");
+    let mut ebpf = loader.load(OBJECT).expect("loading the eBPF object");
+    ensure_tracefs();
+    let tp: &mut TracePoint = ebpf
+        .program_mut(names::SOCK_STATE)
+        .expect("no program hearth_sock_state")
+        .try_into()
+        .expect("a tracepoint program");
+    tp.load().expect("loading hearth_sock_state");
+    tp.attach("sock", "inet_sock_set_state")
+        .expect("attaching hearth_sock_state");
+    let lost = LostEvents::take(&mut ebpf).expect("EVENTS_LOST");
+    let mut ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).expect("no map EVENTS"))
+        .expect("EVENTS is a ring buffer");
+    // Registered while the ring is empty, so only wake-ups report it ready.
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll_create");
+    epoll
+        .add(
+            &ring,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
+        )
+        .expect("epoll_ctl ADD");
+    let woken = || {
+        let mut ev = [EpollEvent::empty()];
+        epoll
+            .wait(&mut ev, EpollTimeout::from(200u16))
+            .expect("epoll_wait")
+            > 0
+    };
+
+    // One connection = an OPEN and a CLOSE event of the server's socket; a record is the event and
+    // the ring's 8-byte header.
+    let record = (size_of::<FlowEvent>() + 8) as u64;
+    let conns_for = |bytes: u64| bytes / (2 * record);
+    let burst = |n: u64| {
+        for _ in 0..n {
+            let client = TcpStream::connect(addr).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            drop(server); // the server closes first
+            let mut c = client;
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).expect("reading to EOF");
+        }
+        // The last CLOSE comes with the client's final ACK, processed as the close returns.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let below = conns_for(u64::from(EVENTS_WAKE_BYTES)) * 3 / 4;
+    burst(below);
+    assert!(
+        !woken(),
+        "{below} connections ({} bytes of events, under the wake-up level of {EVENTS_WAKE_BYTES}) \
+         woke the reader: events must not wake it one by one",
+        below * 2 * record
+    );
+    let past = conns_for(u64::from(EVENTS_WAKE_BYTES)) / 2;
+    burst(past);
+    assert!(
+        woken(),
+        "{} connections ({} bytes of events, past the wake-up level of {EVENTS_WAKE_BYTES}) did \
+         not wake the reader",
+        below + past,
+        (below + past) * 2 * record
+    );
+    assert_eq!(lost.total().expect("EVENTS_LOST"), 0, "nothing lost yet");
+    // Nobody drains: past the ring's size, events are lost and counted.
+    let fill = conns_for(u64::from(EVENTS_BYTES)) + 300 - below - past;
+    burst(fill);
+    let made = below + past + fill;
+    let mut queued = 0u64;
+    while let Some(item) = ring.next() {
+        let ev = FlowEvent::from_record(&item).expect("a whole event");
+        assert_eq!(
+            ev.key.local_port,
+            addr.port(),
+            "an event of another port: {ev:?}"
+        );
+        queued += 1;
+    }
+    let lost_total = lost.total().expect("EVENTS_LOST");
+    eprintln!(
+        "ebpf_programs: burst of {made} connections: {queued} events queued, {lost_total} lost \
+         (ring {EVENTS_BYTES} bytes, {record} bytes a record)"
+    );
+    assert!(lost_total > 0, "the ring overflowed, yet EVENTS_LOST is 0");
+    assert_eq!(
+        queued + lost_total,
+        2 * made,
+        "every event is either in the ring or counted as lost"
+    );
+    assert!(
+        queued <= u64::from(EVENTS_BYTES) / record,
+        "{queued} events in the ring"
+    );
 }
 
 fn check_counter(what: &str, dir: &str, bytes: u64, packets: u64, payload: usize) {
@@ -347,11 +489,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(port: u16, ipv6: bool, conns: usize, cgroup: &TestCgroup) -> Self {
+    /// `dual_stack`: an AF_INET6 socket bound to `::` that takes IPv4 peers too; else an AF_INET
+    /// socket on 127.0.0.1.
+    fn start(port: u16, dual_stack: bool, conns: usize, cgroup: &TestCgroup) -> Self {
         let mut child = Command::new("python3")
             .args(["-c", SERVER])
             .arg(port.to_string())
-            .arg(if ipv6 { "6" } else { "4" })
+            .arg(if dual_stack { "6" } else { "4" })
             .arg(conns.to_string())
             .arg(TO_SERVER.to_string())
             .arg(TO_CLIENT.to_string())

@@ -3,7 +3,7 @@
 //! gateway's cgroup and the tracepoint `sock/inet_sock_set_state`, and polls them into
 //! [`Observation`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use aya::maps::{MapData, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use hearth_common::user::{size_flows, FlowMaps};
+use hearth_common::user::{size_flows, FlowMaps, LostEvents};
 use hearth_common::{names, FlowEvent, FlowKey, PacketCounts, AF_INET6, EVENT_OPEN, MAX_PORTS};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -54,12 +54,15 @@ const STALE_AFTER: Duration = Duration::from_secs(600);
 pub struct Kernel {
     ebpf: Ebpf,
     flows: FlowMaps,
+    lost: LostEvents,
+    /// `lost`'s total at the last reading.
+    lost_total: u64,
     cgroup: PathBuf,
     /// Per flow (socket cookie): the counters at the last reading and since when they have not
     /// moved.
     seen: HashMap<u64, (PacketCounts, Instant)>,
     /// Flows whose connection closed: deleted after their final counters were read.
-    closed: Vec<FlowKey>,
+    closed: HashSet<FlowKey>,
 }
 
 impl Kernel {
@@ -88,6 +91,7 @@ impl Kernel {
             .load(OBJECT)
             .map_err(|e| KernelError::Load(error_chain(&e)))?;
         let flows = FlowMaps::take(&mut ebpf).map_err(|e| KernelError::Load(error_chain(&e)))?;
+        let lost = LostEvents::take(&mut ebpf).map_err(|e| KernelError::Load(error_chain(&e)))?;
         tracing::debug!(flows = capacity, "sensor: FLOWS sized for this host's CPUs");
         let dir = fs::File::open(&cgroup).map_err(|e| KernelError::Attach {
             program: names::INGRESS,
@@ -131,9 +135,11 @@ impl Kernel {
         Ok(Kernel {
             ebpf,
             flows,
+            lost,
+            lost_total: 0,
             cgroup,
             seen: HashMap::new(),
-            closed: Vec::new(),
+            closed: HashSet::new(),
         })
     }
 
@@ -192,6 +198,7 @@ impl Kernel {
             let batch = Batch {
                 observations: obs,
                 end_interval: end,
+                events_lost: self.lost_total,
             };
             if tx.send(batch).await.is_err() {
                 return;
@@ -201,6 +208,10 @@ impl Kernel {
 
     /// Reports every flow's counters, then deletes closed and stale flows from the maps.
     fn read_flows(&mut self, clock: &Clock, out: &mut Vec<Observation>) {
+        match self.lost.total() {
+            Ok(n) => self.lost_total = n,
+            Err(e) => tracing::debug!(error = %error_chain(&e), "sensor: reading EVENTS_LOST"),
+        }
         let reading = self.flows.read();
         if reading.orphans > 0 {
             // Their sockets' next packets start them again, from 0: the tracker sees the
@@ -261,7 +272,7 @@ fn drain(
     rb: &mut RingBuf<MapData>,
     clock: &Clock,
     out: &mut Vec<Observation>,
-    closed: &mut Vec<FlowKey>,
+    closed: &mut HashSet<FlowKey>,
 ) {
     while let Some(item) = rb.next() {
         let Some(ev) = FlowEvent::from_record(&item) else {
@@ -270,7 +281,7 @@ fn drain(
         let (local, remote) = addrs(&ev.key);
         let at_ms = clock.to_unix_ms(ev.ts_ns);
         if ev.kind != EVENT_OPEN {
-            closed.push(ev.key);
+            closed.insert(ev.key);
         }
         out.push(if ev.kind == EVENT_OPEN {
             Observation::Opened {

@@ -16,7 +16,7 @@ pub mod report;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -81,6 +81,10 @@ pub struct Batch {
     pub observations: Vec<Observation>,
     /// This batch ends a poll interval of its source.
     pub end_interval: bool,
+    /// Open/close events the source's kernel programs could not queue since they were loaded
+    /// (their ring buffer was full: the reader fell behind a burst of connections). Cumulative.
+    #[serde(default)]
+    pub events_lost: u64,
 }
 
 /// What a remote sensor posts.
@@ -426,6 +430,8 @@ pub struct SensorStatus {
     /// The cgroup the programs are attached to.
     pub gateway_cgroup: Option<String>,
     pub gateway_ports: Vec<u16>,
+    /// Open/close events the kernel programs could not queue (see [`Batch::events_lost`]).
+    pub events_lost_total: u64,
 }
 
 /// A remote sensor as the agent knows it.
@@ -435,6 +441,8 @@ pub struct RemoteSource {
     pub last_report_ms: u64,
     /// Batches it dropped while the agent was unreachable (its bounded buffer was full).
     pub dropped_total: u64,
+    /// Open/close events its kernel programs could not queue (see [`Batch::events_lost`]).
+    pub events_lost_total: u64,
 }
 
 /// `GET /hearth/v1/sessions`.
@@ -450,9 +458,7 @@ pub struct SessionsReport {
 pub(crate) enum Msg {
     Observe {
         source: String,
-        observations: Vec<Observation>,
-        /// Ends a poll interval after applying.
-        end_interval: bool,
+        batch: Batch,
     },
     Remote {
         source: String,
@@ -482,6 +488,7 @@ impl Sensor {
             reason: String::new(),
             gateway_cgroup: None,
             gateway_ports: config.gateway_ports.clone(),
+            events_lost_total: 0,
         };
         let handle = Sensor {
             tx: tx.clone(),
@@ -504,11 +511,10 @@ impl Sensor {
                     let tx = tx.clone();
                     // The local source goes through the same path as a remote sensor's reports.
                     tokio::spawn(async move {
-                        while let Some(b) = brx.recv().await {
+                        while let Some(batch) = brx.recv().await {
                             let msg = Msg::Observe {
                                 source: "local".into(),
-                                observations: b.observations,
-                                end_interval: b.end_interval,
+                                batch,
                             };
                             if tx.send(msg).await.is_err() {
                                 return;
@@ -543,16 +549,10 @@ impl Sensor {
         handle
     }
 
-    /// Hands observations to the tracker (the local poller and `POST /hearth/v1/activity`).
-    pub async fn observe(&self, source: String, observations: Vec<Observation>, end: bool) -> bool {
-        self.tx
-            .send(Msg::Observe {
-                source,
-                observations,
-                end_interval: end,
-            })
-            .await
-            .is_ok()
+    /// Hands a batch of observations to the tracker (the local poller and
+    /// `POST /hearth/v1/activity`).
+    pub async fn observe(&self, source: String, batch: Batch) -> bool {
+        self.tx.send(Msg::Observe { source, batch }).await.is_ok()
     }
 
     /// Takes a remote sensor's report (`POST /hearth/v1/activity`), batch by batch, through the
@@ -572,10 +572,7 @@ impl Sensor {
             return false;
         }
         for b in report.batches {
-            if !self
-                .observe(source.clone(), b.observations, b.end_interval)
-                .await
-            {
+            if !self.observe(source.clone(), b).await {
                 return false;
             }
         }
@@ -608,6 +605,8 @@ async fn actor(
     let bytes_out = metrics.gateway_bytes.with_label_values(&["out"]);
     let mut counted = (0u64, 0u64);
     let mut remotes: BTreeMap<String, RemoteSource> = BTreeMap::new();
+    // Per source: events its kernel programs lost, as last reported, and when that was last logged.
+    let mut lost: BTreeMap<String, (u64, Option<Instant>)> = BTreeMap::new();
     // Idle transitions also happen without traffic.
     let mut tick = tokio::time::interval((idle_after / 4).max(Duration::from_millis(250)));
     loop {
@@ -615,13 +614,14 @@ async fn actor(
         tokio::select! {
             msg = rx.recv() => match msg {
                 None => return,
-                Some(Msg::Observe { source, observations, end_interval }) => {
-                    for o in &observations {
+                Some(Msg::Observe { source, batch }) => {
+                    for o in &batch.observations {
                         events.extend(tracker.apply(&source, o));
                     }
-                    if end_interval {
+                    if batch.end_interval {
                         events.extend(tracker.end_interval(&source, unix_ms(SystemTime::now())));
                     }
+                    note_lost(&mut lost, &metrics, &source, batch.events_lost);
                 }
                 Some(Msg::Remote { source, dropped_total, gateway_ports }) => {
                     tracker.set_ports(&source, gateway_ports);
@@ -633,12 +633,23 @@ async fn actor(
                         name: source,
                         last_report_ms: unix_ms(SystemTime::now()),
                         dropped_total,
+                        events_lost_total: 0,
                     });
                 }
                 Some(Msg::Report { reply }) => {
+                    let lost_of = |source: &str| lost.get(source).map_or(0, |l| l.0);
                     let _ = reply.send(SessionsReport {
-                        sensor: (*status).clone(),
-                        remote_sensors: remotes.values().cloned().collect(),
+                        sensor: SensorStatus {
+                            events_lost_total: lost_of("local"),
+                            ..(*status).clone()
+                        },
+                        remote_sensors: remotes
+                            .values()
+                            .map(|r| RemoteSource {
+                                events_lost_total: lost_of(&r.name),
+                                ..r.clone()
+                            })
+                            .collect(),
                         idle_after_seconds: idle_after.as_secs_f64(),
                         sessions: tracker.sessions().cloned().collect(),
                         channels: tracker.channels().cloned().collect(),
@@ -660,6 +671,36 @@ async fn actor(
         bytes_in.inc_by(bi - counted.0);
         bytes_out.inc_by(bo - counted.1);
         counted = (bi, bo);
+    }
+}
+
+/// How often a source's growing count of lost events is logged, at most.
+const LOST_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Records a source's count of lost events (cumulative, as it reported it) in the metric, and
+/// warns when it grew, at most once per [`LOST_LOG_EVERY`].
+fn note_lost(
+    lost: &mut BTreeMap<String, (u64, Option<Instant>)>,
+    metrics: &Metrics,
+    source: &str,
+    total: u64,
+) {
+    metrics
+        .sensor_lost_events
+        .with_label_values(&[source])
+        .set(i64::try_from(total).unwrap_or(i64::MAX));
+    let entry = lost.entry(source.to_string()).or_insert((0, None));
+    let grew = total > entry.0;
+    entry.0 = total;
+    if grew && entry.1.is_none_or(|t| t.elapsed() >= LOST_LOG_EVERY) {
+        entry.1 = Some(Instant::now());
+        tracing::warn!(
+            source,
+            events_lost_total = total,
+            "gateway sensor: the kernel's event ring was full, connection open/close events were \
+             lost (a burst of connections faster than the sensor drains them); their flows' \
+             counters are still read"
+        );
     }
 }
 
@@ -848,5 +889,13 @@ mod tests {
         assert!(json.contains("\"type\":\"counters\""), "{json}");
         let back: Observation = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, o);
+        // A sensor of an earlier version sends no events_lost: none lost.
+        let b: Batch = serde_json::from_str(r#"{"observations":[],"end_interval":true}"#)
+            .expect("batch without events_lost");
+        assert_eq!(b.events_lost, 0);
+        let b: Batch =
+            serde_json::from_str(r#"{"observations":[],"end_interval":true,"events_lost":7}"#)
+                .expect("batch");
+        assert_eq!(b.events_lost, 7);
     }
 }

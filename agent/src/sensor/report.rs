@@ -217,6 +217,7 @@ mod tests {
         Batch {
             observations: Vec::new(),
             end_interval: i.is_multiple_of(2),
+            events_lost: 0,
         }
     }
 

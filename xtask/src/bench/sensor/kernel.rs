@@ -17,9 +17,9 @@ use aya::programs::{
     CgroupSkbAttachType, TracePoint,
 };
 use aya::{Ebpf, EbpfLoader};
-use hearth_common::user::{size_flows, FlowMaps};
+use hearth_common::user::{size_flows, FlowMaps, LostEvents};
 use hearth_common::{names, FlowEvent, FlowKey, EVENT_OPEN, MAX_PORTS};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::time::{clock_gettime, ClockId};
 
 pub const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -198,6 +198,7 @@ impl ProgStat {
 pub struct Maps {
     flows: FlowMaps,
     events: RingBuf<MapData>,
+    lost: LostEvents,
 }
 
 /// The object loaded (every program verified and in the kernel), attached only between `attach` and
@@ -246,6 +247,7 @@ impl Sensor {
             .load()
             .with_context(|| format!("loading {}", names::SOCK_STATE))?;
         let flows = FlowMaps::take(&mut ebpf)?;
+        let lost = LostEvents::take(&mut ebpf)?;
         let events = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
                 .with_context(|| format!("no map {} in the object", names::EVENTS))?,
@@ -262,7 +264,11 @@ impl Sensor {
                 egress: None,
                 tracepoint: None,
             },
-            Maps { flows, events },
+            Maps {
+                flows,
+                events,
+                lost,
+            },
         ))
     }
 
@@ -375,6 +381,12 @@ pub struct ReaderTotals {
     pub flows_cpu: Duration,
     /// Entries in FLOWS at the last reading.
     pub flow_entries: u64,
+    /// Of those, left after the closed flows were deleted.
+    pub flow_entries_left: u64,
+    /// Times the ring buffer woke the reader between readings.
+    pub wakeups: u64,
+    /// Events the programs could not queue (`EVENTS_LOST` at the end).
+    pub lost: u64,
 }
 
 impl ReaderTotals {
@@ -384,7 +396,12 @@ impl ReaderTotals {
         self.events += o.events;
         self.flow_reads += o.flow_reads;
         self.flows_cpu += o.flows_cpu;
-        self.flow_entries = self.flow_entries.max(o.flow_entries);
+        if o.flow_reads > 0 {
+            self.flow_entries = o.flow_entries;
+            self.flow_entries_left = o.flow_entries_left;
+        }
+        self.wakeups += o.wakeups;
+        self.lost = self.lost.max(o.lost);
     }
 }
 
@@ -447,9 +464,16 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
     let start = Instant::now();
     let cpu0 = thread_cpu();
     let mut t = ReaderTotals::default();
-    let mut closed = Vec::new();
+    let mut closed = std::collections::HashSet::new();
     // hearth's interval ticks at once, then every `poll_interval` (1 s by default).
     let mut next_read = Instant::now();
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
+    epoll
+        .add(
+            maps.events.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
+        )
+        .context("epoll_ctl(ADD) of the EVENTS ring buffer")?;
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now >= next_read {
@@ -459,46 +483,58 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
             // The same reading as hearth's, and the same deletion of closed flows.
             let reading = maps.flows.read();
             n += reading.flows.len() as u64;
+            let mut deleted = 0u64;
             for cookie in reading.cookies_of(&closed) {
                 maps.flows.remove(cookie);
+                deleted += 1;
             }
             closed.clear();
             std::hint::black_box(&reading);
             t.flow_reads += 1;
             t.flow_entries = n;
+            t.flow_entries_left = n - deleted;
             t.flows_cpu += thread_cpu().saturating_sub(c0);
             next_read += Duration::from_secs(1);
         }
-        // Wake when the ring buffer has data (as hearth's AsyncFd does), or in time for the next
-        // reading, or within 50 ms to see the stop flag.
+        // Wake when the kernel wakes the ring buffer's waiters (as hearth's AsyncFd does: epoll,
+        // edge-triggered; the programs wake them only once a burst filled a quarter of the ring),
+        // or in time for the next reading, or within 50 ms to see the stop flag.
         let wait = next_read
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(50));
         let ms = u16::try_from(wait.as_millis()).unwrap_or(50);
         let ready = {
-            let mut fds = [PollFd::new(maps.events.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(ms)) {
+            let mut ev = [EpollEvent::empty()];
+            match epoll.wait(&mut ev, EpollTimeout::from(ms)) {
                 Ok(n) => n > 0,
                 Err(nix::errno::Errno::EINTR) => false,
-                Err(e) => return Err(io::Error::from(e)).context("poll on the EVENTS ring buffer"),
+                Err(e) => {
+                    return Err(io::Error::from(e)).context("epoll_wait on the EVENTS ring buffer")
+                }
             }
         };
         if ready {
+            t.wakeups += 1;
             drain(&mut maps.events, &mut t, &mut closed);
         }
     }
+    t.lost = maps.lost.total()?;
     t.wall = start.elapsed();
     t.cpu = thread_cpu().saturating_sub(cpu0);
     Ok((maps, t))
 }
 
 /// Takes every record out of EVENTS, keeping the keys of closed connections.
-fn drain(events: &mut RingBuf<MapData>, t: &mut ReaderTotals, closed: &mut Vec<FlowKey>) {
+fn drain(
+    events: &mut RingBuf<MapData>,
+    t: &mut ReaderTotals,
+    closed: &mut std::collections::HashSet<FlowKey>,
+) {
     while let Some(item) = events.next() {
         t.events += 1;
         if let Some(ev) = FlowEvent::from_record(&item) {
             if ev.kind != EVENT_OPEN {
-                closed.push(ev.key);
+                closed.insert(ev.key);
             }
         }
     }

@@ -440,9 +440,9 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(o, "\n#### The reader (user space, attached phases)\n");
         let _ = writeln!(
             o,
-            "| scenario | CPU per second | of which reading FLOWS | EVENTS records drained | FLOWS readings | FLOWS entries at the end |"
+            "| scenario | CPU per second | of which reading FLOWS | EVENTS records drained | wake-ups by the ring | events lost | FLOWS readings | FLOWS entries at the last reading / left after deleting closed flows |"
         );
-        let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|");
+        let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|--:|");
         for sc in &r.scenarios {
             let t = &sc.on.reader;
             let per_second = |d: Duration| {
@@ -454,15 +454,25 @@ pub fn markdown(r: &Results) -> String {
             };
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} |",
                 sc.scenario.label(),
                 per_second(t.cpu),
                 per_second(t.flows_cpu),
                 t.events,
+                t.wakeups,
+                t.lost,
                 t.flow_reads,
-                t.flow_entries
+                t.flow_entries,
+                t.flow_entries_left
             );
         }
+        let _ = writeln!(
+            o,
+            "\nThe reader waits on the ring buffer as hearth's poller does (epoll, edge-triggered): the \
+             tracepoint wakes it only while a quarter of the ring or more waits to be read; else it \
+             drains the ring at its once-a-second reading. Events lost: `EVENTS_LOST`, what the full \
+             ring could not take."
+        );
     }
 
     let mut notes = r.notes.clone();
