@@ -19,6 +19,9 @@
 // runs with RUSTC_BOOTSTRAP=1 (xtask/src/ebpf.rs).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// The benchmark's control build (feature `control`, `cargo xtask build-ebpf --control`) leaves the
+// packet path out of `hearth_ingress`/`hearth_egress`.
+#![cfg_attr(feature = "control", allow(dead_code, unused_imports))]
 
 #[cfg(any(target_arch = "bpf", test))]
 #[cfg_attr(not(target_arch = "bpf"), allow(dead_code))] // on the host only the tests use it

@@ -40,6 +40,9 @@ const PACKAGE: &str = "hearth-ebpf";
 
 /// The embedded object, relative to the workspace root (agent/build.rs reads the same path).
 pub const OBJECT: &str = "target/ebpf/hearth-ebpf.o";
+/// The benchmark's control object (feature `control` of agent-ebpf: the cgroup_skb programs only
+/// return 1), relative to the workspace root. Never embedded.
+pub const CONTROL_OBJECT: &str = "target/ebpf-control/hearth-ebpf-control.o";
 /// cargo's target directory for the BPF build (kept apart from `target/ebpf/`, which agent/build.rs
 /// watches, and from the host builds, which use another toolchain).
 const BUILD_DIR: &str = "target/ebpf-build";
@@ -64,7 +67,15 @@ pub fn build(root: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let toolchain = ensure_toolchain(root)?;
-    compile(root, &toolchain).map(Some)
+    compile(root, &toolchain, None, OBJECT).map(Some)
+}
+
+/// `cargo xtask build-ebpf --control`: the benchmark's control object ([`CONTROL_OBJECT`], outside `target/ebpf/`, which agent/build.rs watches), the same
+/// programs with the packet path left out, so that `bench sensor` can measure what the kernel's
+/// cgroup hook costs by itself.
+pub fn build_control(root: &Path) -> Result<PathBuf> {
+    let toolchain = ensure_toolchain(root)?;
+    compile(root, &toolchain, Some("control"), CONTROL_OBJECT)
 }
 
 fn ensure_toolchain(root: &Path) -> Result<Toolchain> {
@@ -447,26 +458,44 @@ pub fn clippy(root: &Path) -> Result<bool> {
         name,
         linker_dir: None,
     };
-    let mut cmd = bpf_cargo(root, &toolchain, "clippy")?;
-    cmd.args(["--", "-D", "warnings"]);
-    util::run("clippy (bpf)", &mut cmd)?;
+    // The programs as hearth embeds them, and the benchmark's control build.
+    for features in [None, Some("control")] {
+        let mut cmd = bpf_cargo(root, &toolchain, "clippy")?;
+        if let Some(f) = features {
+            cmd.args(["--features", f]);
+        }
+        cmd.args(["--", "-D", "warnings"]);
+        util::run("clippy (bpf)", &mut cmd)?;
+    }
     Ok(true)
 }
 
-/// `cargo build --release` of hearth-ebpf for bpfel-unknown-none, then the object into place.
-fn compile(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
+/// `cargo build --release` of hearth-ebpf for bpfel-unknown-none (with `feature`, if any), then the
+/// object into place at `dest` (relative to the workspace root).
+fn compile(
+    root: &Path,
+    toolchain: &Toolchain,
+    feature: Option<&str>,
+    dest: &str,
+) -> Result<PathBuf> {
+    let features = feature
+        .map(|f| format!(" --features {f}"))
+        .unwrap_or_default();
     let t = step(&format!(
-        "ebpf: cargo +{} build --release -p {PACKAGE} --target {TARGET} -Z build-std=core",
+        "ebpf: cargo +{} build --release -p {PACKAGE} --target {TARGET} -Z build-std=core{features}",
         toolchain.name
     ));
     let mut cmd = bpf_cargo(root, toolchain, "build")?;
+    if let Some(f) = feature {
+        cmd.args(["--features", f]);
+    }
     util::run("ebpf: cargo build", &mut cmd)?;
     let built = root
         .join(BUILD_DIR)
         .join(TARGET)
         .join("release")
         .join(PACKAGE);
-    let object = root.join(OBJECT);
+    let object = root.join(dest);
     let new = util::read(&built)?;
     if !is_bpf_object(&new) {
         bail!(
@@ -479,13 +508,9 @@ fn compile(root: &Path, toolchain: &Toolchain) -> Result<PathBuf> {
             util::mkdir(dir)?;
         }
         util::write_atomic(&object, &new)?;
-        done(
-            "ebpf",
-            t,
-            &format!("{} ({} bytes) updated", OBJECT, new.len()),
-        );
+        done("ebpf", t, &format!("{dest} ({} bytes) updated", new.len()));
     } else {
-        done("ebpf", t, &format!("{OBJECT} unchanged"));
+        done("ebpf", t, &format!("{dest} unchanged"));
     }
     Ok(object)
 }

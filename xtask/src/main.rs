@@ -31,7 +31,12 @@ enum Cmd {
     /// Build the eBPF programs (agent-ebpf/) into target/ebpf/hearth-ebpf.o, which hearth embeds;
     /// installs the toolchain first when missing (Debian's rustc-web + bpf-linker, as root), or uses a
     /// nightly with rust-src and bpf-linker. Also run by `setup`. HEARTH_SKIP_EBPF=1 skips it.
-    BuildEbpf,
+    BuildEbpf {
+        /// Build the benchmark's control object instead (target/ebpf-control/hearth-ebpf-control.o: the
+        /// cgroup_skb programs only return 1), which `bench sensor --control` measures
+        #[arg(long)]
+        control: bool,
+    },
     /// setup, build hearth, `cargo test --workspace`, then the pytest end-to-end suite in tests/
     Test {
         /// Skip `cargo test --workspace` (run only the end-to-end suite)
@@ -65,7 +70,8 @@ fn main() {
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Setup => setup::run(&Dev::locate()?),
-        Cmd::BuildEbpf => ebpf::build(&util::repo_root()).map(|_| ()),
+        Cmd::BuildEbpf { control: false } => ebpf::build(&util::repo_root()).map(|_| ()),
+        Cmd::BuildEbpf { control: true } => ebpf::build_control(&util::repo_root()).map(|_| ()),
         Cmd::Test {
             no_cargo_test,
             pytest_args,

@@ -34,6 +34,9 @@ use kernel::{ProgStat, ReaderTotals};
 
 pub const BEGIN: &str = "<!-- bench-sensor:begin -->";
 pub const END: &str = "<!-- bench-sensor:end -->";
+/// The same with `--control` (the control object's results have their own section).
+pub const CONTROL_BEGIN: &str = "<!-- bench-sensor-control:begin -->";
+pub const CONTROL_END: &str = "<!-- bench-sensor-control:end -->";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScenarioKind {
@@ -88,6 +91,11 @@ pub struct SensorArgs {
     /// eBPF object [default: target/ebpf/hearth-ebpf.o]
     #[arg(long)]
     pub object: Option<PathBuf>,
+    /// Measure the control object instead (`cargo xtask build-ebpf --control`: the same programs,
+    /// but the cgroup_skb ones only return 1): what the kernel's cgroup hook costs by itself. Writes
+    /// its own sections of the results file
+    #[arg(long)]
+    pub control: bool,
     /// Do not run `cargo xtask build-ebpf` first
     #[arg(long)]
     pub no_build: bool,
@@ -264,15 +272,27 @@ pub fn run(args: &SensorArgs) -> Result<()> {
              and sets kernel.bpf_stats_enabled (run it as root)"
         );
     }
-    if !args.no_build {
-        crate::ebpf::build(&root).context(
-            "building the eBPF object (`cargo xtask build-ebpf`; --no-build uses the object as it is)",
-        )?;
+    if args.control && args.object.is_some() {
+        bail!("--control measures the control object: not together with --object");
     }
-    let object_path = args
-        .object
-        .clone()
-        .unwrap_or_else(|| root.join(crate::ebpf::OBJECT));
+    if !args.no_build {
+        if args.control {
+            crate::ebpf::build_control(&root).context(
+                "building the control object (`cargo xtask build-ebpf --control`; --no-build uses it as it is)",
+            )?;
+        } else {
+            crate::ebpf::build(&root).context(
+                "building the eBPF object (`cargo xtask build-ebpf`; --no-build uses the object as it is)",
+            )?;
+        }
+    }
+    let object_path = args.object.clone().unwrap_or_else(|| {
+        root.join(if args.control {
+            crate::ebpf::CONTROL_OBJECT
+        } else {
+            crate::ebpf::OBJECT
+        })
+    });
     let object = std::fs::read(&object_path).map_err(|e| {
         anyhow::anyhow!(
             "no eBPF object at {} ({e}): build it with `cargo xtask build-ebpf` (or pass --object)",
@@ -308,12 +328,19 @@ pub fn run(args: &SensorArgs) -> Result<()> {
         object: &object,
         work: &work,
     };
-    let (md, begin, end) = if args.paired {
-        let md = paired::run(args, &setup)?;
-        (md, paired::BEGIN, paired::END)
-    } else {
-        let results = measure(args, &setup)?;
-        (report::markdown(&results), BEGIN, END)
+    let (md, begin, end) = match (args.paired, args.control) {
+        (true, false) => (paired::run(args, &setup)?, paired::BEGIN, paired::END),
+        (true, true) => (
+            paired::run(args, &setup)?,
+            paired::CONTROL_BEGIN,
+            paired::CONTROL_END,
+        ),
+        (false, false) => (report::markdown(&measure(args, &setup)?), BEGIN, END),
+        (false, true) => (
+            report::markdown(&measure(args, &setup)?),
+            CONTROL_BEGIN,
+            CONTROL_END,
+        ),
     };
     println!("{md}");
     if args.results.no_write {

@@ -7,7 +7,9 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -183,23 +185,11 @@ pub fn rr(addr: SocketAddr, conns: usize, req: u32, resp: u32, dur: Duration) ->
 /// Connect: a fresh connection per request (TCP_NODELAY), the server answers and closes first (so the
 /// TIME_WAIT sockets are the server's), the client reads to EOF and closes, one at a time for `dur`.
 pub fn connect(addr: SocketAddr, req: u32, resp: u32, dur: Duration) -> Result<Load> {
-    let mut msg = header(MODE_CONNECT, req, resp).to_vec();
-    msg.extend(std::iter::repeat_n(b'q', req as usize));
-    let mut response = vec![0u8; resp as usize];
     let mut lat = Vec::with_capacity(1 << 15);
     let start = Instant::now();
     while start.elapsed() < dur && !interrupted() {
         let t = Instant::now();
-        let mut s = open(addr, true)?;
-        s.write_all(&msg).context("sending a request")?;
-        s.read_exact(&mut response).context("reading a response")?;
-        let mut rest = [0u8; 1];
-        match s.read(&mut rest) {
-            Ok(0) => {}
-            Ok(_) => bail!("the server sent more than the response"),
-            Err(e) => return Err(e).context("waiting for the server to close"),
-        }
-        drop(s);
+        connect_once(addr, req, resp)?;
         lat.push(nanos(t.elapsed()));
     }
     Ok(Load {
@@ -207,6 +197,168 @@ pub fn connect(addr: SocketAddr, req: u32, resp: u32, dur: Duration) -> Result<L
         elapsed: start.elapsed(),
         latencies_ns: lat,
     })
+}
+
+/// Load that runs until it is stopped (the side-by-side mode): client threads that count what they
+/// moved (bytes for bulk, requests, connections) in one counter, which the bench reads whenever it
+/// likes, so that two servers' rates are taken over exactly the same seconds.
+pub struct Running {
+    units: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<()>>>,
+}
+
+/// What a [`Running`] load does: bulk (one connection, `write_bytes` per write), keep-alive
+/// request/response over `conns` connections, or a new connection per request.
+#[derive(Clone, Copy, Debug)]
+pub enum Traffic {
+    Bulk { write_bytes: usize },
+    Rr { conns: usize, req: u32, resp: u32 },
+    Connect { req: u32, resp: u32 },
+}
+
+impl Running {
+    /// Starts the client threads; returns once every connection is open and warmed up.
+    pub fn start(addr: SocketAddr, traffic: Traffic) -> Result<Running> {
+        let units = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let n = match traffic {
+            Traffic::Rr { conns, .. } => conns,
+            _ => 1,
+        };
+        let ready = Arc::new(Barrier::new(n + 1));
+        let threads = (0..n)
+            .map(|_| {
+                let (units, stop, ready) = (units.clone(), stop.clone(), ready.clone());
+                std::thread::spawn(move || client_loop(addr, traffic, &units, &stop, &ready))
+            })
+            .collect();
+        ready.wait();
+        Ok(Running {
+            units,
+            stop,
+            threads,
+        })
+    }
+
+    /// Units moved so far.
+    pub fn units(&self) -> u64 {
+        self.units.load(Ordering::Relaxed)
+    }
+
+    /// Stops and joins the threads; the first error of any of them.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut first = None;
+        for t in self.threads.drain(..) {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(anyhow::anyhow!("a client thread panicked"));
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One client thread of a [`Running`] load. Waits at `ready` once connected and warmed up (or failed,
+/// so that the starter is never left waiting).
+fn client_loop(
+    addr: SocketAddr,
+    traffic: Traffic,
+    units: &AtomicU64,
+    stop: &AtomicBool,
+    ready: &Barrier,
+) -> Result<()> {
+    let go = || !stop.load(Ordering::Relaxed) && !interrupted();
+    match traffic {
+        Traffic::Bulk { write_bytes } => {
+            let prepared = open(addr, false).and_then(|mut s| {
+                s.write_all(&header(MODE_BULK, 0, 0))
+                    .context("sending the header")?;
+                Ok(s)
+            });
+            ready.wait();
+            let mut s = prepared?;
+            let buf = vec![b'x'; write_bytes];
+            let mut sent: u64 = 0;
+            while go() {
+                s.write_all(&buf).context("streaming to the server")?;
+                sent += buf.len() as u64;
+                units.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            s.shutdown(Shutdown::Write).context("shutdown(SHUT_WR)")?;
+            let mut count = [0u8; 8];
+            s.read_exact(&mut count)
+                .context("reading the server's byte count")?;
+            let received = u64::from_le_bytes(count);
+            if received != sent {
+                bail!("the server received {received} bytes, the client sent {sent}");
+            }
+            Ok(())
+        }
+        Traffic::Rr { req, resp, .. } => {
+            let request = vec![b'q'; req as usize];
+            let mut response = vec![0u8; resp as usize];
+            let mut exchange = |s: &mut TcpStream| -> Result<()> {
+                s.write_all(&request).context("sending a request")?;
+                s.read_exact(&mut response).context("reading a response")?;
+                Ok(())
+            };
+            let prepared = open(addr, true).and_then(|mut s| {
+                s.write_all(&header(MODE_RR, req, resp))
+                    .context("sending the header")?;
+                for _ in 0..RR_WARMUP {
+                    exchange(&mut s)?;
+                }
+                Ok(s)
+            });
+            ready.wait();
+            let mut s = prepared?;
+            while go() {
+                exchange(&mut s)?;
+                units.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Traffic::Connect { req, resp } => {
+            ready.wait();
+            while go() {
+                connect_once(addr, req, resp)?;
+                units.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One connection of the connect scenario: request, response, the server closes, then the client.
+fn connect_once(addr: SocketAddr, req: u32, resp: u32) -> Result<()> {
+    let mut msg = header(MODE_CONNECT, req, resp).to_vec();
+    msg.extend(std::iter::repeat_n(b'q', req as usize));
+    let mut response = vec![0u8; resp as usize];
+    let mut s = open(addr, true)?;
+    s.write_all(&msg).context("sending a request")?;
+    s.read_exact(&mut response).context("reading a response")?;
+    let mut rest = [0u8; 1];
+    match s.read(&mut rest) {
+        Ok(0) => Ok(()),
+        Ok(_) => bail!("the server sent more than the response"),
+        Err(e) => Err(e).context("waiting for the server to close"),
+    }
 }
 
 /// The server: waits to be in `cgroup` (moved there by the bench), then listens on 127.0.0.1:`port`.

@@ -138,7 +138,15 @@ pub fn markdown(r: &Results) -> String {
     let a = &r.args;
     let stats = !a.no_bpf_stats;
     let mut o = String::new();
-    let _ = writeln!(o, "### Results: gateway sensor overhead\n");
+    let _ = writeln!(
+        o,
+        "### Results: gateway sensor overhead{}\n",
+        if a.control {
+            " (control: the cgroup_skb programs only return 1)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(
         o,
         "Produced by `{}` on {} (whole run {:.0} s).\n",
