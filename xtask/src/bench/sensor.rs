@@ -88,6 +88,10 @@ pub struct SensorArgs {
     /// same moments of the machine. No BPF stats; writes its own section of the results file
     #[arg(long)]
     pub paired: bool,
+    /// With --paired: pin each client thread and each server to CPUs of its own (A and B on
+    /// different ones), so that the scheduler cannot move them between rounds
+    #[arg(long, requires = "paired")]
+    pub pin: bool,
     /// eBPF object [default: target/ebpf/hearth-ebpf.o]
     #[arg(long)]
     pub object: Option<PathBuf>,

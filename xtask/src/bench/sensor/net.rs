@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 
 use super::interrupted;
 use crate::bench::procs::Proc;
@@ -218,8 +220,9 @@ pub enum Traffic {
 }
 
 impl Running {
-    /// Starts the client threads; returns once every connection is open and warmed up.
-    pub fn start(addr: SocketAddr, traffic: Traffic) -> Result<Running> {
+    /// Starts the client threads (thread i pinned to `cpus[i]` when `cpus` is not empty); returns
+    /// once every connection is open and warmed up.
+    pub fn start(addr: SocketAddr, traffic: Traffic, cpus: &[usize]) -> Result<Running> {
         let units = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let n = match traffic {
@@ -228,9 +231,14 @@ impl Running {
         };
         let ready = Arc::new(Barrier::new(n + 1));
         let threads = (0..n)
-            .map(|_| {
+            .map(|i| {
                 let (units, stop, ready) = (units.clone(), stop.clone(), ready.clone());
-                std::thread::spawn(move || client_loop(addr, traffic, &units, &stop, &ready))
+                let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+                std::thread::spawn(move || {
+                    let pinned = cpu.map_or(Ok(()), |c| pin(0, &[c]));
+                    let r = client_loop(addr, traffic, &units, &stop, &ready);
+                    pinned.and(r)
+                })
             })
             .collect();
         ready.wait();
@@ -272,6 +280,36 @@ impl Drop for Running {
             let _ = t.join();
         }
     }
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpus`.
+pub fn pin(tid: i32, cpus: &[usize]) -> Result<()> {
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).with_context(|| format!("CPU {c}"))?;
+    }
+    sched_setaffinity(Pid::from_raw(tid), &set)
+        .with_context(|| format!("pinning thread {tid} to CPUs {cpus:?}"))
+}
+
+/// The CPUs this process may run on, in order.
+pub fn usable_cpus() -> Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+    Ok((0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+/// Pins every thread of process `pid` to `cpus`.
+pub fn pin_process(pid: u32, cpus: &[usize]) -> Result<()> {
+    let dir = format!("/proc/{pid}/task");
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let e = e.with_context(|| format!("listing {dir}"))?;
+        if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) {
+            pin(tid, cpus)?;
+        }
+    }
+    Ok(())
 }
 
 /// One client thread of a [`Running`] load. Waits at `ready` once connected and warmed up (or failed,

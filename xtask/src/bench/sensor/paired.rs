@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::kernel::{self, BenchCgroup, Reader, Sensor};
-use super::net::{Running, Traffic};
+use super::net::{self, Running, Traffic};
 use super::report::{loss_verdict, TARGET_LOSS_PCT};
 use super::{interrupted, ScenarioKind, SensorArgs};
 use crate::bench::procs::Proc;
@@ -84,6 +84,8 @@ impl Side {
 /// One scenario's rounds: the rates of the attached and the detached server, and which was which.
 struct PairedResult {
     label: String,
+    /// Connections per side.
+    conns: usize,
     unit: &'static str,
     on_rates: Vec<f64>,
     off_rates: Vec<f64>,
@@ -132,6 +134,37 @@ fn side_of_round(r: u32) -> usize {
     usize::from(matches!(r % 4, 1 | 2))
 }
 
+/// `--pin`: which CPUs each side's client threads and server threads run on. Connection i of side s
+/// gets the pair of CPUs 2(s x n + i), 2(s x n + i) + 1 of the usable ones (wrapping around when
+/// there are fewer): the client on the first, the server on the second; the server's threads may
+/// use all of its side's server CPUs (which thread serves which connection is the server's
+/// business).
+struct Layout {
+    clients: [Vec<usize>; 2],
+    servers: [Vec<usize>; 2],
+}
+
+impl Layout {
+    fn new(cpus: &[usize], conns: usize) -> Layout {
+        let at = |k: usize| cpus[k % cpus.len().max(1)];
+        let side = |s: usize, role: usize| -> Vec<usize> {
+            (0..conns).map(|i| at(2 * (s * conns + i) + role)).collect()
+        };
+        Layout {
+            clients: [side(0, 0), side(1, 0)],
+            servers: [side(0, 1), side(1, 1)],
+        }
+    }
+
+    fn describe(cpus: &[usize], conns: usize) -> String {
+        let l = Layout::new(cpus, conns);
+        format!(
+            "A: clients on CPUs {:?}, server on {:?}; B: clients on {:?}, server on {:?}",
+            l.clients[0], l.servers[0], l.clients[1], l.servers[1]
+        )
+    }
+}
+
 fn traffic(args: &SensorArgs, sc: super::Scenario) -> Traffic {
     match sc.kind {
         ScenarioKind::Bulk => Traffic::Bulk {
@@ -169,12 +202,25 @@ fn check_servers(sides: &mut [Side; 2], what: &str) -> Result<()> {
 fn scenario(args: &SensorArgs, sides: &mut [Side; 2], sc: super::Scenario) -> Result<PairedResult> {
     let phase = Duration::from_secs_f64(args.phase_secs);
     let warmup = Duration::from_secs_f64((args.phase_secs / 4.0).min(0.5));
+    let layout = if args.pin {
+        Some(Layout::new(&net::usable_cpus()?, sc.conns))
+    } else {
+        None
+    };
+    let client_cpus = |s: usize| layout.as_ref().map_or(Vec::new(), |l| l.clients[s].clone());
     let loads = [
-        Running::start(sides[0].addr, traffic(args, sc))?,
-        Running::start(sides[1].addr, traffic(args, sc))?,
+        Running::start(sides[0].addr, traffic(args, sc), &client_cpus(0))?,
+        Running::start(sides[1].addr, traffic(args, sc), &client_cpus(1))?,
     ];
+    if let Some(l) = &layout {
+        // Every connection is open by now, so every server thread that will serve it exists.
+        for (side, cpus) in sides.iter().zip(&l.servers) {
+            net::pin_process(side.server.pid(), cpus)?;
+        }
+    }
     let mut res = PairedResult {
         label: sc.label(),
+        conns: sc.conns,
         unit: sc.unit(),
         on_rates: Vec::new(),
         off_rates: Vec::new(),
@@ -238,6 +284,9 @@ pub fn run(args: &SensorArgs, setup: &super::Setup<'_>) -> Result<String> {
     let wall = Instant::now();
     let machine = Machine::collect(root, None);
     let load_start = stats::loadavg();
+    // As the sequential mode: the tracepoint needs tracefs, and a killed run may have left cgroups.
+    let mut notes: Vec<String> = kernel::ensure_tracefs()?.into_iter().collect();
+    notes.extend(kernel::remove_stale_cgroups(mount));
     let mut sides = [
         Side::start("a", mount, object, work)?,
         Side::start("b", mount, object, work)?,
@@ -258,6 +307,7 @@ pub fn run(args: &SensorArgs, setup: &super::Setup<'_>) -> Result<String> {
         &load_start,
         &cgroups,
         &results,
+        &notes,
         wall.elapsed(),
     ))
 }
@@ -279,6 +329,7 @@ fn markdown(
     load_start: &str,
     cgroups: &[String; 2],
     results: &[PairedResult],
+    notes: &[String],
     wall: Duration,
 ) -> String {
     let mut o = String::new();
@@ -325,6 +376,14 @@ fn markdown(
             "a reader like hearth's poller"
         }
     );
+    if args.pin {
+        let cpus = net::usable_cpus().unwrap_or_default();
+        let per: Vec<String> = results
+            .iter()
+            .map(|r| format!("{}: {}", r.label, Layout::describe(&cpus, r.conns)))
+            .collect();
+        let _ = writeln!(o, "| pinned (--pin) | {} |", per.join("; "));
+    }
     let _ = writeln!(
         o,
         "| rounds | {} x {} s per scenario ({} crossover pairs), each counted from {} ms after the attach, after a {:.2} s warm-up with each side attached |\n",
@@ -373,6 +432,12 @@ fn markdown(
         "\nPer round: loss = 1 - (rate of the server whose cgroup has the programs) / (rate of the other server), both over the same {} s. Per crossover pair (two consecutive rounds, the programs on A in one and on B in the other): 1 - the geometric mean of the two rounds' ratios, in which the two servers' own difference of speed cancels; the verdict is taken on the pairs. *A's speed / B's* estimates that difference (1.000: none).",
         args.phase_secs
     );
+    if !notes.is_empty() {
+        let _ = writeln!(o, "\n#### Observations\n");
+        for n in notes {
+            let _ = writeln!(o, "- {n}");
+        }
+    }
     o
 }
 
