@@ -300,16 +300,25 @@ pub fn run(args: &SensorArgs, setup: &super::Setup<'_>) -> Result<String> {
         sides[1].cgroup.path().display().to_string(),
     ];
     drop(sides);
-    Ok(markdown(
-        args,
-        &machine,
-        object_path.strip_prefix(root).unwrap_or(object_path),
-        &load_start,
-        &cgroups,
-        &results,
-        &notes,
-        wall.elapsed(),
-    ))
+    let run = RunInfo {
+        machine,
+        object: object_path.strip_prefix(root).unwrap_or(object_path),
+        load_start,
+        cgroups,
+        notes,
+        wall: wall.elapsed(),
+    };
+    Ok(markdown(args, &run, &results))
+}
+
+/// What the results say about the run besides the scenarios.
+struct RunInfo<'a> {
+    machine: Machine,
+    object: &'a Path,
+    load_start: String,
+    cgroups: [String; 2],
+    notes: Vec<String>,
+    wall: Duration,
 }
 
 fn ci_cell(v: &[f64]) -> (String, &'static str) {
@@ -322,16 +331,15 @@ fn ci_cell(v: &[f64]) -> (String, &'static str) {
     }
 }
 
-fn markdown(
-    args: &SensorArgs,
-    machine: &Machine,
-    object: &Path,
-    load_start: &str,
-    cgroups: &[String; 2],
-    results: &[PairedResult],
-    notes: &[String],
-    wall: Duration,
-) -> String {
+fn markdown(args: &SensorArgs, run: &RunInfo<'_>, results: &[PairedResult]) -> String {
+    let RunInfo {
+        machine,
+        object,
+        load_start,
+        cgroups,
+        notes,
+        wall,
+    } = run;
     let mut o = String::new();
     let _ = writeln!(
         o,
