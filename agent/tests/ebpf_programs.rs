@@ -68,15 +68,7 @@ s.close()
 
 #[test]
 fn programs_count_gateway_flows_and_report_open_and_close() {
-    if let Some(reason) = skip_reason() {
-        if std::env::var_os("HEARTH_EBPF_REQUIRED").is_some_and(|v| v == "1") {
-            panic!("HEARTH_EBPF_REQUIRED=1 but the eBPF test cannot run: {reason}");
-        }
-        // Straight to stderr, past the test harness's output capture, so the skip is seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n=== SKIPPED agent/tests/ebpf_programs.rs: {reason} ===\n"
-        );
+    if skipped("programs_count_gateway_flows_and_report_open_and_close") {
         return;
     }
 
@@ -86,18 +78,10 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
     // IPv4 peers as v4-mapped addresses. The programs must key both alike.
     let port4 = free_port(false);
     let port6 = ipv6.then(|| free_port(true));
-    let mut ports = [0u16; MAX_PORTS];
-    ports[0] = port4;
-    ports[1] = port6.unwrap_or(0);
-    let n_ports: u32 = if ipv6 { 2 } else { 1 };
-    let mut loader = EbpfLoader::new();
-    loader
-        .override_global(names::GATEWAY_PORTS, &ports, true)
-        .override_global(names::N_PORTS, &n_ports, true);
-    let capacity = size_flows(&mut loader).expect("sizing FLOWS");
+    let ports: Vec<u16> = std::iter::once(port4).chain(port6).collect();
+    let (mut ebpf, capacity) = load(&ports);
     let cpus = aya::util::nr_cpus().expect("possible CPUs");
     assert_eq!(capacity, flows_capacity(cpus as u32));
-    let mut ebpf = loader.load(OBJECT).expect("loading the eBPF object");
     let Some(aya::maps::Map::PerCpuLruHashMap(flows)) = ebpf.map(names::FLOWS) else {
         panic!("FLOWS is not a per-CPU LRU hash map");
     };
@@ -123,16 +107,7 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
         prog.attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
             .unwrap_or_else(|e| panic!("attaching {name}: {e:?}"));
     }
-    ensure_tracefs();
-    check_tracepoint_format();
-    let tp: &mut TracePoint = ebpf
-        .program_mut(names::SOCK_STATE)
-        .expect("no program hearth_sock_state")
-        .try_into()
-        .expect("a tracepoint program");
-    tp.load().expect("loading hearth_sock_state");
-    tp.attach("sock", "inet_sock_set_state")
-        .expect("attaching hearth_sock_state");
+    attach_tracepoint(&mut ebpf);
 
     // The servers inside the cgroup, the clients (this process) outside it: an IPv4 client of the
     // AF_INET server, and an IPv4 and an IPv6 client of the dual-stack one.
@@ -258,14 +233,7 @@ fn programs_count_gateway_flows_and_report_open_and_close() {
 /// it they wake the reader; what the full ring cannot take is counted in `EVENTS_LOST`, exactly.
 #[test]
 fn a_burst_of_connections_wakes_the_reader_and_counts_what_the_full_ring_loses() {
-    if let Some(reason) = skip_reason() {
-        if std::env::var_os("HEARTH_EBPF_REQUIRED").is_some_and(|v| v == "1") {
-            panic!("HEARTH_EBPF_REQUIRED=1 but the eBPF test cannot run: {reason}");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n=== SKIPPED agent/tests/ebpf_programs.rs (burst): {reason} ===\n"
-        );
+    if skipped("a_burst_of_connections_wakes_the_reader_and_counts_what_the_full_ring_loses") {
         return;
     }
     use hearth_common::user::LostEvents;
@@ -275,24 +243,8 @@ fn a_burst_of_connections_wakes_the_reader_and_counts_what_the_full_ring_loses()
     // Only the tracepoint: it filters by port, so the server can be this process (no cgroup).
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let mut ports = [0u16; MAX_PORTS];
-    ports[0] = addr.port();
-    let n_ports: u32 = 1;
-    let mut loader = EbpfLoader::new();
-    loader
-        .override_global(names::GATEWAY_PORTS, &ports, true)
-        .override_global(names::N_PORTS, &n_ports, true);
-    size_flows(&mut loader).expect("sizing FLOWS");
-    let mut ebpf = loader.load(OBJECT).expect("loading the eBPF object");
-    ensure_tracefs();
-    let tp: &mut TracePoint = ebpf
-        .program_mut(names::SOCK_STATE)
-        .expect("no program hearth_sock_state")
-        .try_into()
-        .expect("a tracepoint program");
-    tp.load().expect("loading hearth_sock_state");
-    tp.attach("sock", "inet_sock_set_state")
-        .expect("attaching hearth_sock_state");
+    let (mut ebpf, _) = load(&[addr.port()]);
+    attach_tracepoint(&mut ebpf);
     let lost = LostEvents::take(&mut ebpf).expect("EVENTS_LOST");
     let mut ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).expect("no map EVENTS"))
         .expect("EVENTS is a ring buffer");
@@ -376,6 +328,53 @@ fn a_burst_of_connections_wakes_the_reader_and_counts_what_the_full_ring_loses()
         queued <= u64::from(EVENTS_BYTES) / record,
         "{queued} events in the ring"
     );
+}
+
+/// Whether the test must be skipped (loudly: straight to stderr, past the harness's output
+/// capture); with `HEARTH_EBPF_REQUIRED=1` a reason to skip fails the test instead.
+fn skipped(test: &str) -> bool {
+    let Some(reason) = skip_reason() else {
+        return false;
+    };
+    if std::env::var_os("HEARTH_EBPF_REQUIRED").is_some_and(|v| v == "1") {
+        panic!("HEARTH_EBPF_REQUIRED=1 but the eBPF test {test} cannot run: {reason}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n=== SKIPPED agent/tests/ebpf_programs.rs {test}: {reason} ===\n"
+    );
+    true
+}
+
+/// The object loaded as hearth loads it, with these gateway ports; and the capacity `FLOWS` got.
+fn load(gateway_ports: &[u16]) -> (aya::Ebpf, u32) {
+    let mut ports = [0u16; MAX_PORTS];
+    ports[..gateway_ports.len()].copy_from_slice(gateway_ports);
+    let n_ports = gateway_ports.len() as u32;
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(names::GATEWAY_PORTS, &ports, true)
+        .override_global(names::N_PORTS, &n_ports, true);
+    let capacity = size_flows(&mut loader).expect("sizing FLOWS");
+    (
+        loader.load(OBJECT).expect("loading the eBPF object"),
+        capacity,
+    )
+}
+
+/// `hearth_sock_state` on `sock/inet_sock_set_state` (tracefs mounted first, the record layout
+/// checked).
+fn attach_tracepoint(ebpf: &mut aya::Ebpf) {
+    ensure_tracefs();
+    check_tracepoint_format();
+    let tp: &mut TracePoint = ebpf
+        .program_mut(names::SOCK_STATE)
+        .expect("no program hearth_sock_state")
+        .try_into()
+        .expect("a tracepoint program");
+    tp.load().expect("loading hearth_sock_state");
+    tp.attach("sock", "inet_sock_set_state")
+        .expect("attaching hearth_sock_state");
 }
 
 fn check_counter(what: &str, dir: &str, bytes: u64, packets: u64, payload: usize) {

@@ -87,30 +87,101 @@ pub fn wait_listening(addr: SocketAddr, server: &mut Proc, limit: Duration) -> R
     }
 }
 
+/// A bulk connection: the client streams `write_bytes` per write; at the end the server's count of
+/// what arrived must match what was sent.
+struct BulkConn {
+    s: TcpStream,
+    buf: Vec<u8>,
+    sent: u64,
+}
+
+impl BulkConn {
+    fn open(addr: SocketAddr, write_bytes: usize) -> Result<BulkConn> {
+        let mut s = open(addr, false)?;
+        s.write_all(&header(MODE_BULK, 0, 0))
+            .context("sending the header")?;
+        Ok(BulkConn {
+            s,
+            buf: vec![b'x'; write_bytes],
+            sent: 0,
+        })
+    }
+
+    /// One write; returns the bytes written.
+    fn write(&mut self) -> Result<u64> {
+        self.s
+            .write_all(&self.buf)
+            .context("streaming to the server")?;
+        let n = self.buf.len() as u64;
+        self.sent += n;
+        Ok(n)
+    }
+
+    /// Half-closes and waits for the server's count; returns the bytes it received.
+    fn finish(mut self) -> Result<u64> {
+        self.s
+            .shutdown(Shutdown::Write)
+            .context("shutdown(SHUT_WR)")?;
+        let mut count = [0u8; 8];
+        self.s
+            .read_exact(&mut count)
+            .context("reading the server's byte count")?;
+        let received = u64::from_le_bytes(count);
+        if received != self.sent {
+            bail!(
+                "the server received {received} bytes, the client sent {}",
+                self.sent
+            );
+        }
+        Ok(received)
+    }
+}
+
+/// A keep-alive request/response connection (TCP_NODELAY), its header sent and [`RR_WARMUP`]
+/// exchanges done.
+struct RrConn {
+    s: TcpStream,
+    request: Vec<u8>,
+    response: Vec<u8>,
+}
+
+impl RrConn {
+    fn open(addr: SocketAddr, req: u32, resp: u32) -> Result<RrConn> {
+        let mut s = open(addr, true)?;
+        s.write_all(&header(MODE_RR, req, resp))
+            .context("sending the header")?;
+        let mut c = RrConn {
+            s,
+            request: vec![b'q'; req as usize],
+            response: vec![0u8; resp as usize],
+        };
+        for _ in 0..RR_WARMUP {
+            c.exchange()?;
+        }
+        Ok(c)
+    }
+
+    fn exchange(&mut self) -> Result<()> {
+        self.s
+            .write_all(&self.request)
+            .context("sending a request")?;
+        self.s
+            .read_exact(&mut self.response)
+            .context("reading a response")
+    }
+}
+
 /// Bulk: one connection, `write_bytes` per write for `dur`, then the server's count of what arrived.
 pub fn bulk(addr: SocketAddr, dur: Duration, write_bytes: usize) -> Result<Load> {
-    let mut s = open(addr, false)?;
-    s.write_all(&header(MODE_BULK, 0, 0))
-        .context("sending the header")?;
-    let buf = vec![b'x'; write_bytes];
-    let mut sent: u64 = 0;
+    let mut c = BulkConn::open(addr, write_bytes)?;
     let start = Instant::now();
     while start.elapsed() < dur && !interrupted() {
-        s.write_all(&buf).context("streaming to the server")?;
-        sent += buf.len() as u64;
+        c.write()?;
     }
-    s.shutdown(Shutdown::Write).context("shutdown(SHUT_WR)")?;
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count)
-        .context("reading the server's byte count")?;
-    let elapsed = start.elapsed();
-    let received = u64::from_le_bytes(count);
-    if received != sent {
-        bail!("the server received {received} bytes, the client sent {sent}");
-    }
+    let received = c.finish()?;
     Ok(Load {
         amount: received,
-        elapsed,
+        elapsed: start.elapsed(),
         latencies_ns: Vec::new(),
     })
 }
@@ -124,34 +195,16 @@ pub fn rr(addr: SocketAddr, conns: usize, req: u32, resp: u32, dur: Duration) ->
             .map(|_| {
                 let barrier = &barrier;
                 scope.spawn(move || -> Result<Vec<u32>> {
-                    let prepared = (|| -> Result<TcpStream> {
-                        let mut s = open(addr, true)?;
-                        s.write_all(&header(MODE_RR, req, resp))
-                            .context("sending the header")?;
-                        Ok(s)
-                    })();
-                    let request = vec![b'q'; req as usize];
-                    let mut response = vec![0u8; resp as usize];
-                    let mut exchange = |s: &mut TcpStream| -> Result<()> {
-                        s.write_all(&request).context("sending a request")?;
-                        s.read_exact(&mut response).context("reading a response")?;
-                        Ok(())
-                    };
-                    // Warm up before the barrier; a failed connection still waits at the barrier
-                    // so the others are not left hanging.
-                    let warmed = prepared.and_then(|mut s| {
-                        for _ in 0..RR_WARMUP {
-                            exchange(&mut s)?;
-                        }
-                        Ok(s)
-                    });
+                    // Warmed up before the barrier; a failed connection still waits at the
+                    // barrier so the others are not left hanging.
+                    let warmed = RrConn::open(addr, req, resp);
                     barrier.wait();
-                    let mut s = warmed?;
+                    let mut c = warmed?;
                     let start = Instant::now();
                     let mut lat = Vec::with_capacity(1 << 16);
                     while start.elapsed() < dur && !interrupted() {
                         let t = Instant::now();
-                        exchange(&mut s)?;
+                        c.exchange()?;
                         lat.push(nanos(t.elapsed()));
                     }
                     Ok(lat)
@@ -324,50 +377,20 @@ fn client_loop(
     let go = || !stop.load(Ordering::Relaxed) && !interrupted();
     match traffic {
         Traffic::Bulk { write_bytes } => {
-            let prepared = open(addr, false).and_then(|mut s| {
-                s.write_all(&header(MODE_BULK, 0, 0))
-                    .context("sending the header")?;
-                Ok(s)
-            });
+            let prepared = BulkConn::open(addr, write_bytes);
             ready.wait();
-            let mut s = prepared?;
-            let buf = vec![b'x'; write_bytes];
-            let mut sent: u64 = 0;
+            let mut c = prepared?;
             while go() {
-                s.write_all(&buf).context("streaming to the server")?;
-                sent += buf.len() as u64;
-                units.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                units.fetch_add(c.write()?, Ordering::Relaxed);
             }
-            s.shutdown(Shutdown::Write).context("shutdown(SHUT_WR)")?;
-            let mut count = [0u8; 8];
-            s.read_exact(&mut count)
-                .context("reading the server's byte count")?;
-            let received = u64::from_le_bytes(count);
-            if received != sent {
-                bail!("the server received {received} bytes, the client sent {sent}");
-            }
-            Ok(())
+            c.finish().map(|_| ())
         }
         Traffic::Rr { req, resp, .. } => {
-            let request = vec![b'q'; req as usize];
-            let mut response = vec![0u8; resp as usize];
-            let mut exchange = |s: &mut TcpStream| -> Result<()> {
-                s.write_all(&request).context("sending a request")?;
-                s.read_exact(&mut response).context("reading a response")?;
-                Ok(())
-            };
-            let prepared = open(addr, true).and_then(|mut s| {
-                s.write_all(&header(MODE_RR, req, resp))
-                    .context("sending the header")?;
-                for _ in 0..RR_WARMUP {
-                    exchange(&mut s)?;
-                }
-                Ok(s)
-            });
+            let prepared = RrConn::open(addr, req, resp);
             ready.wait();
-            let mut s = prepared?;
+            let mut c = prepared?;
             while go() {
-                exchange(&mut s)?;
+                c.exchange()?;
                 units.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
