@@ -7,7 +7,7 @@ use std::collections::{HashMap as StdHashMap, HashSet};
 use std::io;
 use std::vec::Vec;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::{flows_capacity, names, FlowInfo, FlowKey, PacketCounts};
@@ -111,23 +111,20 @@ pub struct FlowMaps {
     info: HashMap<MapData, u64, FlowInfo>,
 }
 
+/// Takes map `name` out of the loaded object as the typed map `T`.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FlowMapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(FlowMapsError::Missing(name))?;
+    T::try_from(map).map_err(|source| FlowMapsError::Map { map: name, source })
+}
+
 impl FlowMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<FlowMaps, FlowMapsError> {
-        let counts = ebpf
-            .take_map(names::FLOWS)
-            .ok_or(FlowMapsError::Missing(names::FLOWS))?;
-        let info = ebpf
-            .take_map(names::FLOW_INFO)
-            .ok_or(FlowMapsError::Missing(names::FLOW_INFO))?;
         Ok(FlowMaps {
-            counts: PerCpuHashMap::try_from(counts).map_err(|source| FlowMapsError::Map {
-                map: names::FLOWS,
-                source,
-            })?,
-            info: HashMap::try_from(info).map_err(|source| FlowMapsError::Map {
-                map: names::FLOW_INFO,
-                source,
-            })?,
+            counts: take_map(ebpf, names::FLOWS)?,
+            info: take_map(ebpf, names::FLOW_INFO)?,
         })
     }
 
@@ -183,14 +180,8 @@ pub struct LostEvents {
 
 impl LostEvents {
     pub fn take(ebpf: &mut Ebpf) -> Result<LostEvents, FlowMapsError> {
-        let map = ebpf
-            .take_map(names::EVENTS_LOST)
-            .ok_or(FlowMapsError::Missing(names::EVENTS_LOST))?;
         Ok(LostEvents {
-            map: PerCpuArray::try_from(map).map_err(|source| FlowMapsError::Map {
-                map: names::EVENTS_LOST,
-                source,
-            })?,
+            map: take_map(ebpf, names::EVENTS_LOST)?,
         })
     }
 

@@ -70,9 +70,9 @@ pub fn build(root: &Path) -> Result<Option<PathBuf>> {
     compile(root, &toolchain, None, OBJECT).map(Some)
 }
 
-/// `cargo xtask build-ebpf --control`: the benchmark's control object ([`CONTROL_OBJECT`], outside `target/ebpf/`, which agent/build.rs watches), the same
-/// programs with the packet path left out, so that `bench sensor` can measure what the kernel's
-/// cgroup hook costs by itself.
+/// `cargo xtask build-ebpf --control`: the benchmark's control object ([`CONTROL_OBJECT`], outside
+/// `target/ebpf/`, which agent/build.rs watches): the same programs with the packet path left out,
+/// so that `bench sensor` can measure what the kernel's cgroup hook costs by itself.
 pub fn build_control(root: &Path) -> Result<PathBuf> {
     let toolchain = ensure_toolchain(root)?;
     compile(root, &toolchain, Some("control"), CONTROL_OBJECT)

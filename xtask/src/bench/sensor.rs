@@ -332,19 +332,17 @@ pub fn run(args: &SensorArgs) -> Result<()> {
         object: &object,
         work: &work,
     };
-    let (md, begin, end) = match (args.paired, args.control) {
-        (true, false) => (paired::run(args, &setup)?, paired::BEGIN, paired::END),
-        (true, true) => (
-            paired::run(args, &setup)?,
-            paired::CONTROL_BEGIN,
-            paired::CONTROL_END,
-        ),
-        (false, false) => (report::markdown(&measure(args, &setup)?), BEGIN, END),
-        (false, true) => (
-            report::markdown(&measure(args, &setup)?),
-            CONTROL_BEGIN,
-            CONTROL_END,
-        ),
+    let md = if args.paired {
+        paired::run(args, &setup)?
+    } else {
+        report::markdown(&measure(args, &setup)?)
+    };
+    // Each mode, and its control, has a section of its own.
+    let (begin, end) = match (args.paired, args.control) {
+        (true, false) => (paired::BEGIN, paired::END),
+        (true, true) => (paired::CONTROL_BEGIN, paired::CONTROL_END),
+        (false, false) => (BEGIN, END),
+        (false, true) => (CONTROL_BEGIN, CONTROL_END),
     };
     println!("{md}");
     if args.results.no_write {

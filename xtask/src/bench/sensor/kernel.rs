@@ -474,6 +474,9 @@ fn read_loop(mut maps: Maps, stop: &AtomicBool) -> Result<(Maps, ReaderTotals)> 
             EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
         )
         .context("epoll_ctl(ADD) of the EVENTS ring buffer")?;
+    // Events left from an earlier phase make epoll report the ring ready once at registration:
+    // not a wake-up (the first reading below drains them).
+    let _ = epoll.wait(&mut [EpollEvent::empty()], EpollTimeout::ZERO);
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now >= next_read {

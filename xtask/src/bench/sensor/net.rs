@@ -274,10 +274,12 @@ pub enum Traffic {
 
 impl Running {
     /// Starts the client threads (thread i pinned to `cpus[i]` when `cpus` is not empty); returns
-    /// once every connection is open and warmed up.
+    /// once every connection is open and warmed up, or the first error of a thread that could not
+    /// pin itself or connect.
     pub fn start(addr: SocketAddr, traffic: Traffic, cpus: &[usize]) -> Result<Running> {
         let units = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         let n = match traffic {
             Traffic::Rr { conns, .. } => conns,
             _ => 1,
@@ -285,26 +287,45 @@ impl Running {
         let ready = Arc::new(Barrier::new(n + 1));
         let threads = (0..n)
             .map(|i| {
-                let (units, stop, ready) = (units.clone(), stop.clone(), ready.clone());
+                let (units, stop, ready, failed) =
+                    (units.clone(), stop.clone(), ready.clone(), failed.clone());
                 let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
                 std::thread::spawn(move || {
-                    let pinned = cpu.map_or(Ok(()), |c| pin(0, &[c]));
-                    let r = client_loop(addr, traffic, &units, &stop, &ready);
-                    pinned.and(r)
+                    let prepared = cpu
+                        .map_or(Ok(()), |c| pin(0, &[c]))
+                        .and_then(|()| Client::open(addr, traffic));
+                    if prepared.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    // Every thread reaches the barrier once, ready or not, so the starter is
+                    // never left waiting.
+                    ready.wait();
+                    prepared?.run(&units, &stop)
                 })
             })
             .collect();
         ready.wait();
-        Ok(Running {
+        let running = Running {
             units,
             stop,
             threads,
-        })
+        };
+        if failed.load(Ordering::SeqCst) {
+            running.stop()?;
+            bail!("a client thread failed before the load started");
+        }
+        Ok(running)
     }
 
     /// Units moved so far.
     pub fn units(&self) -> u64 {
         self.units.load(Ordering::Relaxed)
+    }
+
+    /// Whether a client thread has ended before being stopped (an error: [`Running::stop`] says
+    /// which).
+    pub fn broken(&self) -> bool {
+        self.threads.iter().any(|t| t.is_finished())
     }
 
     /// Stops and joins the threads; the first error of any of them.
@@ -365,43 +386,51 @@ pub fn pin_process(pid: u32, cpus: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// One client thread of a [`Running`] load. Waits at `ready` once connected and warmed up (or failed,
-/// so that the starter is never left waiting).
-fn client_loop(
-    addr: SocketAddr,
-    traffic: Traffic,
-    units: &AtomicU64,
-    stop: &AtomicBool,
-    ready: &Barrier,
-) -> Result<()> {
-    let go = || !stop.load(Ordering::Relaxed) && !interrupted();
-    match traffic {
-        Traffic::Bulk { write_bytes } => {
-            let prepared = BulkConn::open(addr, write_bytes);
-            ready.wait();
-            let mut c = prepared?;
-            while go() {
-                units.fetch_add(c.write()?, Ordering::Relaxed);
+/// One client thread of a [`Running`] load, its connection open (and warmed up).
+enum Client {
+    Bulk(BulkConn),
+    Rr(RrConn),
+    /// A new connection per request.
+    Connect {
+        addr: SocketAddr,
+        req: u32,
+        resp: u32,
+    },
+}
+
+impl Client {
+    fn open(addr: SocketAddr, traffic: Traffic) -> Result<Client> {
+        Ok(match traffic {
+            Traffic::Bulk { write_bytes } => Client::Bulk(BulkConn::open(addr, write_bytes)?),
+            Traffic::Rr { req, resp, .. } => Client::Rr(RrConn::open(addr, req, resp)?),
+            Traffic::Connect { req, resp } => Client::Connect { addr, req, resp },
+        })
+    }
+
+    /// Moves data until `stop`, adding what it moved to `units`.
+    fn run(self, units: &AtomicU64, stop: &AtomicBool) -> Result<()> {
+        let go = || !stop.load(Ordering::Relaxed) && !interrupted();
+        match self {
+            Client::Bulk(mut c) => {
+                while go() {
+                    units.fetch_add(c.write()?, Ordering::Relaxed);
+                }
+                c.finish().map(|_| ())
             }
-            c.finish().map(|_| ())
-        }
-        Traffic::Rr { req, resp, .. } => {
-            let prepared = RrConn::open(addr, req, resp);
-            ready.wait();
-            let mut c = prepared?;
-            while go() {
-                c.exchange()?;
-                units.fetch_add(1, Ordering::Relaxed);
+            Client::Rr(mut c) => {
+                while go() {
+                    c.exchange()?;
+                    units.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        Traffic::Connect { req, resp } => {
-            ready.wait();
-            while go() {
-                connect_once(addr, req, resp)?;
-                units.fetch_add(1, Ordering::Relaxed);
+            Client::Connect { addr, req, resp } => {
+                while go() {
+                    connect_once(addr, req, resp)?;
+                    units.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
             }
-            Ok(())
         }
     }
 }

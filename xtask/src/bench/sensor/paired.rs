@@ -84,8 +84,8 @@ impl Side {
 /// One scenario's rounds: the rates of the attached and the detached server, and which was which.
 struct PairedResult {
     label: String,
-    /// Connections per side.
-    conns: usize,
+    /// Where `--pin` put the threads.
+    pinned: Option<String>,
     unit: &'static str,
     on_rates: Vec<f64>,
     off_rates: Vec<f64>,
@@ -156,11 +156,10 @@ impl Layout {
         }
     }
 
-    fn describe(cpus: &[usize], conns: usize) -> String {
-        let l = Layout::new(cpus, conns);
+    fn describe(&self) -> String {
         format!(
             "A: clients on CPUs {:?}, server on {:?}; B: clients on {:?}, server on {:?}",
-            l.clients[0], l.servers[0], l.clients[1], l.servers[1]
+            self.clients[0], self.servers[0], self.clients[1], self.servers[1]
         )
     }
 }
@@ -207,6 +206,7 @@ fn scenario(args: &SensorArgs, sides: &mut [Side; 2], sc: super::Scenario) -> Re
     } else {
         None
     };
+    let pinned = layout.as_ref().map(Layout::describe);
     let client_cpus = |s: usize| layout.as_ref().map_or(Vec::new(), |l| l.clients[s].clone());
     let loads = [
         Running::start(sides[0].addr, traffic(args, sc), &client_cpus(0))?,
@@ -220,17 +220,17 @@ fn scenario(args: &SensorArgs, sides: &mut [Side; 2], sc: super::Scenario) -> Re
     }
     let mut res = PairedResult {
         label: sc.label(),
-        conns: sc.conns,
+        pinned,
         unit: sc.unit(),
         on_rates: Vec::new(),
         off_rates: Vec::new(),
         on_a: Vec::new(),
     };
-    let rounds = (0..2)
-        .map(|w| (None, w))
-        .chain((0..args.rounds).map(|r| (Some(r), 0)));
-    for (r, warm) in rounds {
-        let on = r.map_or(warm as usize, side_of_round);
+    // A warm-up with the programs on each side (not counted), then the rounds.
+    let plan = [(None, 0), (None, 1)]
+        .into_iter()
+        .chain((0..args.rounds).map(|r| (Some(r), side_of_round(r))));
+    for (r, on) in plan {
         let reader = sides[on].attach(!args.no_reader)?;
         std::thread::sleep(SETTLE);
         let (a0, b0, t0) = (loads[0].units(), loads[1].units(), Instant::now());
@@ -242,6 +242,13 @@ fn scenario(args: &SensorArgs, sides: &mut [Side; 2], sc: super::Scenario) -> Re
         );
         sides[on].detach(reader)?;
         check_servers(sides, &sc.label())?;
+        if loads.iter().any(Running::broken) {
+            for (load, name) in loads.into_iter().zip(["A", "B"]) {
+                load.stop()
+                    .with_context(|| format!("{}: the load on server {name}", sc.label()))?;
+            }
+            bail!("{}: a client thread ended during the rounds", sc.label());
+        }
         let Some(r) = r else { continue };
         let rates = [
             sc.units(a1 - a0) / secs.max(1e-9),
@@ -384,13 +391,12 @@ fn markdown(args: &SensorArgs, run: &RunInfo<'_>, results: &[PairedResult]) -> S
             "a reader like hearth's poller"
         }
     );
-    if args.pin {
-        let cpus = net::usable_cpus().unwrap_or_default();
-        let per: Vec<String> = results
-            .iter()
-            .map(|r| format!("{}: {}", r.label, Layout::describe(&cpus, r.conns)))
-            .collect();
-        let _ = writeln!(o, "| pinned (--pin) | {} |", per.join("; "));
+    let pinned: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.pinned.as_ref().map(|p| format!("{}: {p}", r.label)))
+        .collect();
+    if !pinned.is_empty() {
+        let _ = writeln!(o, "| pinned (--pin) | {} |", pinned.join("; "));
     }
     let _ = writeln!(
         o,
